@@ -1,1 +1,493 @@
-class ACPOModule: ...
+"""``ACPOModule``: the LightningModule that wires injected parts into the ACPO objective."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from acpo_lightning import losses
+from acpo_lightning.models.lora import adapters_disabled, has_lora, load_lora, save_lora
+from acpo_lightning.quality.base import check_quality_head
+from acpo_lightning.sampling import denoise, initial_noise, per_sample_generators
+
+_STAGE_IDS = {"train": 0, "val": 1, "test": 2}
+#: Non-parameter state that trains (constraint mode) and therefore goes into checkpoints.
+_TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps")
+
+
+class ACPOModule(pl.LightningModule):
+    """Fine-tune a diffusion UNet with ACPO: diffusion loss + anchor constraint + perceptual reward.
+
+    Every network is injected; nothing is downloaded or built here. The default anchor is the
+    policy UNet with its LoRA adapters switched off (no extra weights); pass ``anchor_unet`` for a
+    separate frozen reference (full fine-tuning, or an anchor from another checkpoint).
+
+    Args:
+        unet: the policy, a diffusers ``UNet2DConditionModel`` (text-conditional) or ``UNet2DModel``
+            (unconditional). With LoRA (``models.add_lora``) only the adapters train; without, the
+            whole UNet trains and ``anchor_unet`` is required unless ``w_anchor`` is 0.
+        quality_head: a frozen NR-IQA head (``quality.QualityHead`` contract).
+        noise_scheduler: the diffusers training scheduler (schedule and ``prediction_type``).
+        vae: ``AutoencoderKL`` for latent models; ``None`` for pixel-space models.
+        text_encoder: text encoder for conditional UNets (output ``[0]`` = hidden states).
+        tokenizer: the text encoder's tokenizer.
+        anchor_unet: a separate frozen anchor UNet, or ``None`` for the adapter toggle.
+        sample_scheduler: scheduler for ``generate``; default DDIM from the training config.
+        optimizer: callable building the optimizer from the trainable parameters (default AdamW, lr 1e-4).
+        lr_scheduler: callable building a per-step LR schedule from the optimizer, or ``None``.
+        w_diff: weight of the diffusion loss.
+        w_anchor: weight of the anchor penalty (the initial value in constraint mode).
+        w_perc: weight of the perceptual loss.
+        tau: late-denoising gate; only samples with ``t <= tau`` get perceptual gradient.
+        t_min: lower end of the perceptual timesteps ``[t_min, tau]``.
+        perceptual_share: share of each batch drawn from ``[t_min, tau]`` and scored; only those
+            samples are decoded, so the cost scales with the share.
+        anchor_mode: ``penalty`` (fixed ``w_anchor``) or ``constraint`` (dual ascent on ``w_anchor``
+            so the running mean of the anchor penalty tracks ``anchor_delta``).
+        anchor_delta: allowed mean drift in constraint mode.
+        dual_lr: dual-ascent step size in constraint mode.
+        drift_ema: smoothing of the running mean drift in constraint mode.
+        prompt_dropout: probability of replacing a prompt with the empty prompt (CFG training).
+        max_prompt_length: token length for prompts (default: the tokenizer's, capped by the encoder).
+        gradient_checkpointing: checkpoint UNet and VAE decoder activations to save memory.
+        num_inference_steps: default sampler steps of ``generate``.
+        guidance_scale: default CFG scale of ``generate``.
+        seed: base seed; each step's randomness is a function of (seed, step, batch, rank).
+
+    Example:
+        >>> from acpo_lightning import testing as T
+        >>> from acpo_lightning.models import add_lora
+        >>> module = ACPOModule(
+        ...     unet=add_lora(T.tiny_unet(), rank=4), quality_head=T.TinyQualityHead(),
+        ...     noise_scheduler=T.tiny_scheduler(), vae=T.tiny_vae(),
+        ...     text_encoder=T.tiny_text_encoder(), tokenizer=T.tiny_tokenizer())
+        >>> module.generate(["a red square"], num_inference_steps=2).shape
+        torch.Size([1, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        quality_head: nn.Module,
+        noise_scheduler: Any,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any | None = None,
+        anchor_unet: nn.Module | None = None,
+        sample_scheduler: Any | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        w_diff: float = 1.0,
+        w_anchor: float = 1.0,
+        w_perc: float = 0.1,
+        tau: int = 400,
+        t_min: int = 0,
+        perceptual_share: float = 0.25,
+        anchor_mode: Literal["penalty", "constraint"] = "penalty",
+        anchor_delta: float = 1e-3,
+        dual_lr: float = 10.0,
+        drift_ema: float = 0.9,
+        prompt_dropout: float = 0.1,
+        max_prompt_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["unet", "quality_head", "noise_scheduler", "vae", "text_encoder", "tokenizer",
+                    "anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler"]
+        )
+        self.unet, self.quality_head, self.vae = unet, quality_head, vae
+        self.text_encoder, self.tokenizer, self.anchor_unet = text_encoder, tokenizer, anchor_unet
+        self.noise_scheduler = noise_scheduler
+        self.sample_scheduler = sample_scheduler or _default_sampler(noise_scheduler)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.prediction_type = losses.check_prediction_type(noise_scheduler.config.prediction_type)
+        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self._validate_knobs()
+        self.is_conditional = unet.config.get("cross_attention_dim") is not None
+        self._validate_parts()
+        for frozen in self.frozen_modules():
+            frozen.requires_grad_(False).eval()
+        if not has_lora(unet):
+            unet.requires_grad_(True)  # full fine-tuning
+        self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.register_buffer("w_anchor_state", torch.tensor(float(w_anchor)))
+        self.register_buffer("drift_ema", torch.tensor(0.0))
+        self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
+        self._null_embedding: Tensor | None = None
+        self.strict_loading = False  # frozen weights are not in our checkpoints (see on_save_checkpoint)
+
+    # ------------------------------------------------------------------ set-up and validation
+    def _validate_knobs(self) -> None:
+        hp = self.hparams
+        if not 0 <= hp.t_min <= hp.tau < self.num_train_timesteps:
+            raise ValueError(
+                f"tau={hp.tau}, t_min={hp.t_min} must satisfy 0 <= t_min <= tau < num_train_timesteps "
+                f"({self.num_train_timesteps}, from the noise scheduler); e.g. tau: 400, t_min: 0."
+            )
+        if not 0.0 <= hp.perceptual_share <= 1.0:
+            raise ValueError(f"perceptual_share={hp.perceptual_share} must be in [0, 1] (e.g. 0.25).")
+        if not 0.0 <= hp.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout={hp.prompt_dropout} must be in [0, 1) (e.g. 0.1).")
+        if hp.anchor_mode not in ("penalty", "constraint"):
+            raise ValueError(f"anchor_mode={hp.anchor_mode!r} must be 'penalty' or 'constraint'.")
+        if min(hp.w_diff, hp.w_anchor, hp.w_perc) < 0:
+            raise ValueError(f"loss weights must be >= 0, got w_diff={hp.w_diff}, w_anchor={hp.w_anchor}, w_perc={hp.w_perc}.")
+        if hp.anchor_mode == "constraint" and hp.anchor_delta <= 0:
+            raise ValueError(f"anchor_delta={hp.anchor_delta} must be > 0 in constraint mode (allowed mean drift).")
+
+    def _validate_parts(self) -> None:
+        if self.is_conditional and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                f"{type(self.unet).__name__} is text-conditional (cross_attention_dim="
+                f"{self.unet.config.cross_attention_dim}) but text_encoder/tokenizer is missing; "
+                "pass both (e.g. models.load_text_encoder and models.load_tokenizer)."
+            )
+        if not self.is_conditional and self.text_encoder is not None:
+            raise ValueError(
+                f"{type(self.unet).__name__} is unconditional but a text_encoder was given; drop "
+                "text_encoder/tokenizer or use a UNet2DConditionModel."
+            )
+        needs_anchor = self.hparams.w_anchor > 0 or self.hparams.anchor_mode == "constraint"
+        if not has_lora(self.unet) and self.anchor_unet is None and needs_anchor:
+            raise ValueError(
+                "the UNet has no LoRA adapter (full fine-tuning), so the adapter-toggle anchor does not "
+                "exist: pass anchor_unet (a frozen copy of the base), add LoRA with models.add_lora, or "
+                "set w_anchor: 0."
+            )
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The parts that never train: VAE, text encoder, separate anchor, quality head."""
+        parts = (self.vae, self.text_encoder, self.anchor_unet, self.quality_head)
+        return [m for m in parts if isinstance(m, nn.Module)]
+
+    def train(self, mode: bool = True) -> ACPOModule:
+        """Set train mode on the policy only: frozen parts stay in eval mode through ``fit``."""
+        super().train(mode)
+        for frozen in self.frozen_modules():
+            frozen.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        """Check the quality head's contract on a probe batch before any step runs."""
+        check_quality_head(self.quality_head, self.image_size, self.device)
+        if self.hparams.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet and VAE-decoder activations in the backward pass instead of storing them."""
+        for part in (self.unet, self.vae):
+            if part is not None and hasattr(part, "enable_gradient_checkpointing"):
+                part.enable_gradient_checkpointing()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def latent_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = self.latent_size * self.vae_scale_factor
+        return side, side
+
+    @property
+    def w_anchor(self) -> Tensor:
+        """The current anchor weight (fixed in penalty mode, adapted in constraint mode)."""
+        return self.w_anchor_state
+
+    # ------------------------------------------------------------------ encoders and decoder
+    def step_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
+        """A generator seeded from (seed, stage, step, batch, rank): resumes replay the same draws."""
+        words = [self.hparams.seed, _STAGE_IDS[stage], step, batch_idx, self.global_rank]
+        seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _prompt_length(self) -> int:
+        length = self.hparams.max_prompt_length or int(self.tokenizer.model_max_length)
+        positions = getattr(self.text_encoder.config, "max_position_embeddings", None)
+        return min(length, positions) if positions else length
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Text-encoder hidden states ``[B, L, D]`` for ``prompts`` (frozen, no grad)."""
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self._prompt_length(),
+            truncation=True, return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def null_embedding(self) -> Tensor:
+        """Cached embedding of the empty prompt (the unconditional branch of CFG)."""
+        if self._null_embedding is None or self._null_embedding.device != self.device:
+            self._null_embedding = self.encode_prompts([""])
+        return self._null_embedding
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, generator: torch.Generator) -> Tensor:
+        """Images in ``[-1, 1]`` to the UNet's input space (scaled VAE latents, or the pixels)."""
+        if self.vae is None:
+            return pixel_values
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """UNet-space samples to images in ``[0, 1]`` (differentiable; VAE decode for latent models)."""
+        if self.vae is not None:
+            shift = self.vae.config.get("shift_factor") or 0.0
+            latents = latents / self.vae.config.scaling_factor + shift
+            latents = self.vae.decode(latents.to(self.vae.dtype)).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def unet_output(self, unet: nn.Module, sample: Tensor, timesteps: Tensor, cond: Tensor | None) -> Tensor:
+        """Call a UNet and keep the part of its output that the prediction type refers to."""
+        timesteps = timesteps.expand(sample.shape[0]) if timesteps.ndim == 0 else timesteps
+        if self.is_conditional:
+            out = unet(sample, timesteps, encoder_hidden_states=cond).sample
+        else:
+            out = unet(sample, timesteps).sample
+        if out.shape[1] == 2 * sample.shape[1]:  # learned variance: the first half is the mean output
+            out = out[:, : sample.shape[1]]
+        return out
+
+    def anchor_output(self, sample: Tensor, timesteps: Tensor, cond: Tensor | None) -> Tensor:
+        """The frozen anchor's output (separate UNet, or the policy with adapters off), no grad."""
+        with torch.no_grad():
+            if self.anchor_unet is not None:
+                return self.unet_output(self.anchor_unet, sample, timesteps, cond)
+            with adapters_disabled(self.unet):
+                return self.unet_output(self.unet, sample, timesteps, cond)
+
+    # ------------------------------------------------------------------ the objective
+    def compute_terms(self, batch: dict, generator: torch.Generator) -> tuple[losses.ACPOTerms, dict[str, float]]:
+        """Run one data-driven ACPO step on ``batch`` and return its terms and host-side stats."""
+        hp = self.hparams
+        x0 = self.encode_images(batch["pixel_values"].to(self.device), generator)
+        size = x0.shape[0]
+        prompts = batch.get("prompts")
+        cond = self._conditioning(prompts, size, generator)
+        timesteps, n_perc = losses.sample_timesteps(
+            size, self.num_train_timesteps, hp.tau, hp.t_min, hp.perceptual_share, generator
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        alpha, sigma = losses.schedule_coefficients(self.alphas_cumprod, timesteps, x0)
+        noisy = alpha * x0 + sigma * noise
+        pred = self.unet_output(self.unet, noisy, timesteps, cond)
+        target = losses.diffusion_target(x0, noise, self.alphas_cumprod, timesteps, self.prediction_type)
+        diff = losses.diffusion_loss(pred, target)
+        if self._uses_anchor():
+            anchor = losses.anchor_penalty(pred, self.anchor_output(noisy, timesteps, cond))
+        else:
+            anchor = torch.zeros_like(diff)
+        n_scored = n_perc if hp.w_perc > 0 else 0
+        scores, gate = self._perceptual_scores(noisy, pred, timesteps, prompts, n_scored)
+        terms = losses.acpo_objective(diff, anchor, scores, gate, hp.w_diff, self.w_anchor, hp.w_perc)
+        return terms, {"perc_share": n_scored / size}
+
+    def _uses_anchor(self) -> bool:
+        return self.hparams.anchor_mode == "constraint" or self.hparams.w_anchor > 0
+
+    def _conditioning(self, prompts: Sequence[str] | None, size: int, generator: torch.Generator) -> Tensor | None:
+        if not self.is_conditional:
+            return None
+        if prompts is None or len(prompts) != size:
+            raise ValueError(
+                f"the UNet is text-conditional but the batch has {0 if prompts is None else len(prompts)} "
+                f"prompts for {size} images; the DataModule must yield a 'prompts' list per batch."
+            )
+        cond = self.encode_prompts(prompts)
+        if self.training and self.hparams.prompt_dropout > 0:
+            drop = torch.rand(size, generator=generator, device=self.device) < self.hparams.prompt_dropout
+            cond = torch.where(drop.view(-1, 1, 1), self.null_embedding().to(cond.dtype), cond)
+        return cond
+
+    def _perceptual_scores(
+        self, noisy: Tensor, pred: Tensor, timesteps: Tensor, prompts: Sequence[str] | None, count: int
+    ) -> tuple[Tensor, Tensor]:
+        """Decode and score the first ``count`` samples (the perceptual share) only."""
+        if count == 0:
+            empty = pred.new_zeros(0, dtype=torch.float32)
+            return empty, torch.zeros(0, dtype=torch.bool, device=pred.device)
+        x0_hat = losses.predicted_original(
+            noisy[:count], pred[:count].float(), self.alphas_cumprod, timesteps[:count], self.prediction_type
+        )
+        images = self.decode(x0_hat)
+        raw = self.quality_head(images, list(prompts[:count]) if prompts is not None else None)
+        scores = losses.normalize_score(raw, self.quality_head.higher_is_better, self.quality_head.score_range)
+        return scores, losses.late_mask(timesteps[:count], self.hparams.tau)
+
+    def _update_anchor_weight(self, drift: Tensor) -> None:
+        """Constraint mode: dual ascent on ``w_anchor`` against the running mean drift."""
+        drift = drift.detach()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            drift = self.trainer.strategy.reduce(drift, reduce_op="mean")
+        beta = self.hparams.drift_ema if self.drift_ema_steps > 0 else 0.0
+        self.drift_ema.copy_(beta * self.drift_ema + (1 - beta) * drift)
+        self.drift_ema_steps += 1
+        self.w_anchor_state.copy_(
+            losses.dual_ascent_step(self.w_anchor_state, self.drift_ema, self.hparams.anchor_delta, self.hparams.dual_lr)
+        )
+
+    def _log_terms(self, stage: str, terms: losses.ACPOTerms, stats: dict[str, float], size: int) -> None:
+        on_step = stage == "train"
+        values = {
+            f"{stage}/loss_diff": terms.diff.detach(),
+            f"{stage}/loss_anchor": terms.anchor.detach(),
+            f"{stage}/w_anchor": self.w_anchor.detach(),
+            f"{stage}/perc_share": stats["perc_share"],
+        }
+        if stats["perc_share"] > 0:
+            values[f"{stage}/loss_perc"] = terms.perc.detach()
+            values[f"{stage}/iqa"] = terms.iqa
+        self.log_dict(values, on_step=on_step, on_epoch=not on_step, batch_size=size, sync_dist=not on_step)
+        self.log(f"{stage}/loss", terms.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                 batch_size=size, sync_dist=not on_step)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        generator = self.step_generator("train", self.global_step, batch_idx)
+        terms, stats = self.compute_terms(batch, generator)
+        if self.hparams.anchor_mode == "constraint":
+            self._update_anchor_weight(terms.anchor)
+        self._log_terms("train", terms, stats, len(batch["pixel_values"]))
+        return terms.loss
+
+    def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
+        terms, stats = self.compute_terms(batch, self.step_generator(stage, 0, batch_idx))
+        self._log_terms(stage, terms, stats, len(batch["pixel_values"]))
+        return terms.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._evaluation_step("val", batch, batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._evaluation_step("test", batch, batch_idx)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generate one image per prompt of the batch (seeds ``seed + batch_idx * B + i``)."""
+        prompts = list(batch["prompts"])
+        images = self.generate(prompts, seed=self.hparams.seed + batch_idx * len(prompts))
+        return {"prompts": prompts, "images": images}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | int,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        use_anchor: bool = False,
+    ) -> Tensor:
+        """Sample images in ``[0, 1]`` with the policy (or the frozen base with ``use_anchor``).
+
+        Image ``i`` uses a generator seeded ``seed + i``, so a prompt's image does not depend on the
+        batch it was generated in; the loop matches diffusers' ``StableDiffusionPipeline``.
+
+        Args:
+            prompts: list of prompts, or a number of images for unconditional models.
+            seed: base seed.
+            num_inference_steps: sampler steps (default: the constructor's).
+            guidance_scale: classifier-free guidance scale (default: the constructor's; 1 disables).
+            use_anchor: sample from the anchor (base model) instead of the policy.
+
+        Returns:
+            ``[B, 3, H, W]`` images in ``[0, 1]``, float32, on the module's device.
+        """
+        count = prompts if isinstance(prompts, int) else len(prompts)
+        if count < 1:
+            raise ValueError("generate() needs at least one prompt (or a positive image count).")
+        if self.is_conditional and isinstance(prompts, int):
+            raise ValueError("this model is text-conditional: pass a list of prompts, not a count.")
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        guidance = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        was_training = self.training
+        self.eval()
+        try:
+            cond = uncond = None
+            if self.is_conditional:
+                cond = self.encode_prompts(list(prompts))
+                uncond = self.null_embedding().expand_as(cond) if guidance > 1.0 else None
+            shape = (count, self.latent_channels, self.latent_size, self.latent_size)
+            generators = per_sample_generators(seed, count)
+            noise = initial_noise(shape, generators, self.device, cond.dtype if cond is not None else torch.float32)
+            toggle = adapters_disabled(self.unet) if use_anchor and self.anchor_unet is None else nullcontext()
+            unet = self.anchor_unet if use_anchor and self.anchor_unet is not None else self.unet
+            with toggle:
+                latents, _ = denoise(
+                    lambda x, t, c: self.unet_output(unet, x, t, c),
+                    self.sample_scheduler, noise, cond, uncond, guidance, steps, generator=generators[0],
+                )
+            return self.decode(latents)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that receive gradients: the LoRA weights (or the whole UNet without LoRA)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameters: add LoRA (models.add_lora) or pass a trainable UNet.")
+        optimizer = (
+            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-4)
+        )
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trained_state_keys(self) -> set[str]:
+        """Names in ``state_dict`` that a checkpoint must hold: trainable weights and dual state."""
+        return {n for n, p in self.named_parameters() if p.requires_grad} | set(_TRAINED_BUFFERS)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what trains; frozen parts are rebuilt from the config on load."""
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint that lacks some of this module's trainable weights."""
+        missing = sorted(self.trained_state_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable weights of this module (e.g. {missing[:2]}); "
+                "it was written with another LoRA rank/target_modules or another UNet."
+            )
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
+        return save_lora(self.unet, directory)
+
+    def load_lora(self, path: str | Path) -> None:
+        """Load an adapter written by :meth:`save_lora` into the policy UNet."""
+        load_lora(self.unet, path)
+
+
+def _default_sampler(noise_scheduler: Any) -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler.config)

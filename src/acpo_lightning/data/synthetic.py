@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from acpo_lightning.data.collate import collate_prompt_images
+
 COLORS = {
     "red": (0.9, 0.1, 0.1),
     "green": (0.1, 0.8, 0.2),
@@ -63,14 +65,6 @@ class ShapesDataset(Dataset):
         shape = SHAPES[(index // len(COLORS)) % len(SHAPES)]
         image = draw_shape(shape, COLORS[color], self.size, generator)
         return {"pixel_values": image * 2 - 1, "prompt": f"a {color} {shape}"}
-
-
-def collate_prompt_images(items: list[dict]) -> dict:
-    """Stack ``pixel_values`` and gather ``prompt`` strings into ``prompts``."""
-    batch: dict = {"prompts": [item["prompt"] for item in items]}
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
-    return batch
 
 
 class ShapesDataModule(pl.LightningDataModule):

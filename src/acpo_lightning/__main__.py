@@ -1,0 +1,3 @@
+from acpo_lightning.cli import main
+
+main()

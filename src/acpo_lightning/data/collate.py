@@ -1,0 +1,91 @@
+"""Batch items into the dict the ACPO module consumes, tokenizing prompts when a tokenizer is given.
+
+The batch contract: ``prompts`` (``list[str]``) always; ``pixel_values`` (float ``[B, 3, H, W]``)
+when items carry images; ``input_ids`` (``LongTensor [B, L]``) and ``attention_mask`` when a
+tokenizer is given, padded and truncated to the text encoder's maximum length ``L``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Tokenizers without a configured limit report a huge sentinel (int(1e30)) as model_max_length.
+_UNSET_LIMIT = 1_000_000
+
+
+def tokenizer_max_length(tokenizer: Any, max_length: int | None = None) -> int:
+    """The length prompts are padded and truncated to: ``max_length``, else the tokenizer's own.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        max_length: an explicit length, or ``None`` for ``tokenizer.model_max_length``.
+
+    Returns:
+        The length, a positive integer.
+
+    Raises:
+        ValueError: ``max_length`` is not positive, or it is ``None`` and the tokenizer has no
+            real limit (set ``max_length`` to the text encoder's ``max_position_embeddings``).
+    """
+    if max_length is not None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or not 0 < limit < _UNSET_LIMIT:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no usable model_max_length ({limit!r}); "
+            "set `max_length` to the text encoder's maximum (77 for CLIP)"
+        )
+    return limit
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
+    """Tokenize ``prompts`` padded and truncated to :func:`tokenizer_max_length`.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompts: the batch's prompts.
+        max_length: see :func:`tokenizer_max_length`.
+
+    Returns:
+        ``input_ids`` (``LongTensor [B, L]``) and, when the tokenizer makes one,
+        ``attention_mask`` (``LongTensor [B, L]``).
+    """
+    encoded = tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer_max_length(tokenizer, max_length),
+        return_tensors="pt",
+    )
+    batch = {"input_ids": encoded["input_ids"].long()}
+    if "attention_mask" in encoded:
+        batch["attention_mask"] = encoded["attention_mask"].long()
+    return batch
+
+
+def collate_prompt_images(
+    items: list[dict], tokenizer: Any | None = None, max_length: int | None = None
+) -> dict:
+    """Gather ``prompt`` strings into ``prompts``, stack ``pixel_values``, tokenize if asked.
+
+    Pass the tokenizer with ``functools.partial`` (picklable, so DataLoader workers get it).
+
+    Args:
+        items: dataset items, dicts with ``prompt`` and optionally ``pixel_values``.
+        tokenizer: a Hugging Face tokenizer, or ``None`` for no ``input_ids``.
+        max_length: see :func:`tokenizer_max_length`.
+
+    Returns:
+        The batch dict described in this module's docstring.
+    """
+    batch: dict = {"prompts": [item["prompt"] for item in items]}
+    if "pixel_values" in items[0]:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+    if tokenizer is not None:
+        batch.update(tokenize_prompts(tokenizer, batch["prompts"], max_length))
+    return batch

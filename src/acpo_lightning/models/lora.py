@@ -1,0 +1,169 @@
+"""LoRA adapters over peft: add them, toggle them (the default anchor), save and load them.
+
+The adapter is described by one ``peft.LoraConfig``. Disabling it (not copying the UNet) gives the
+frozen base model back for free, which is how ACPO's anchor costs no extra weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+#: Attention projections of diffusers' UNets (self- and cross-attention), the usual SD LoRA targets.
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    unet: nn.Module,
+    rank: int = 16,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = ATTENTION_PROJECTIONS,
+    dropout: float = 0.0,
+    init_lora_weights: bool | str = True,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Freeze ``unet`` and add trainable LoRA adapters to it (in place); returns the same module.
+
+    LoRA weights are created in fp32 even when the base weights are bf16/fp16, so that mixed
+    precision keeps the trainable part at full precision.
+
+    Args:
+        unet: a diffusers UNet (``UNet2DConditionModel``, ``UNet2DModel``) or any ``nn.Module``.
+        rank: LoRA rank ``r``.
+        alpha: LoRA scaling numerator (``scale = alpha / rank``); defaults to ``rank`` (scale 1).
+        target_modules: names (suffixes) of the linear/conv layers to adapt.
+        dropout: dropout on the LoRA branch.
+        init_lora_weights: peft's init; ``True`` makes the adapter a no-op at start (B = 0), ``False``
+            random (for tests where the adapter must change outputs), or a peft scheme such as ``"gaussian"``.
+        adapter_name: peft adapter name.
+
+    Returns:
+        ``unet`` with adapters; only LoRA parameters require gradients.
+
+    Raises:
+        ValueError: ``rank < 1`` or no module matches ``target_modules``.
+
+    Example:
+        >>> from acpo_lightning.testing import tiny_unet
+        >>> unet = add_lora(tiny_unet(), rank=4)
+        >>> all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)
+        True
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(target_modules),
+        lora_dropout=dropout,
+        init_lora_weights=init_lora_weights,
+    )
+    try:
+        if hasattr(unet, "add_adapter") and hasattr(unet, "disable_adapters"):
+            unet.add_adapter(config, adapter_name=adapter_name)  # diffusers' PeftAdapterMixin
+        else:
+            inject_adapter_in_model(config, unet, adapter_name=adapter_name)
+    except ValueError as error:
+        raise ValueError(
+            f"could not add LoRA to {type(unet).__name__} with target_modules={list(target_modules)}: "
+            f"{error}. Pick names of its nn.Linear/nn.Conv2d layers (e.g. {ATTENTION_PROJECTIONS})."
+        ) from error
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+    return unet
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` contains peft adapter layers."""
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every peft adapter layer of ``model`` is bypassed inside the block.
+
+    Layers that were already disabled stay so on exit. Works for any module peft injected into.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    was_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, was_disabled, strict=True):
+            layer.enable_adapters(not disabled)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights of ``model`` in diffusers' file layout (``unet.<module>.lora_A.weight`` ...)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state = get_peft_model_state_dict(model)
+    state = convert_state_dict_to_diffusers(state)
+    return {f"unet.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_lora(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` that diffusers' ``load_lora_weights`` reads.
+
+    Returns:
+        Path of the written file.
+
+    Raises:
+        ValueError: ``model`` has no LoRA adapter.
+    """
+    from safetensors.torch import save_file
+
+    if not has_lora(model):
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter to save; add one with add_lora().")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LORA_WEIGHT_NAME
+    tmp = path.with_suffix(".tmp")
+    save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)  # atomic: a failed write never leaves a half file under the real name
+    return path
+
+
+def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load LoRA weights written by :func:`save_lora` (or diffusers) into ``model``'s adapter.
+
+    Args:
+        model: a model that already has an adapter of matching shape (see :func:`add_lora`).
+        path: the ``.safetensors`` file or the directory holding ``pytorch_lora_weights.safetensors``.
+
+    Raises:
+        FileNotFoundError: no weight file at ``path``.
+        ValueError: the file's keys do not match the model's adapter.
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {path}; expected a {LORA_WEIGHT_NAME} written by save_lora")
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    state = convert_unet_state_dict_to_peft(state)
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    loaded = {k for k in get_peft_model_state_dict(model)}
+    missing = [k for k in loaded if k not in state and k.replace(".default", "") not in state]
+    if unexpected or len(missing) == len(loaded):
+        raise ValueError(
+            f"LoRA file {path} does not match the model's adapter (unexpected keys {unexpected[:3]}, "
+            f"{len(missing)} of {len(loaded)} adapter weights missing); check rank and target_modules."
+        )
+    return model
