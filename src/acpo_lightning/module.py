@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,13 +12,17 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning import losses
 from acpo_lightning.models.lora import adapters_disabled, has_lora, load_lora, save_lora
 from acpo_lightning.quality.base import check_quality_head
 from acpo_lightning.sampling import denoise, initial_noise, per_sample_generators
 
+# Frozen parts are in eval mode on purpose (see ACPOModule.train); Lightning's notice is noise here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 #: Non-parameter state that trains (constraint mode) and therefore goes into checkpoints.
 _TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps")
@@ -77,12 +82,12 @@ class ACPOModule(pl.LightningModule):
         self,
         unet: nn.Module,
         quality_head: nn.Module,
-        noise_scheduler: Any,
+        noise_scheduler: SchedulerMixin,
         vae: nn.Module | None = None,
         text_encoder: nn.Module | None = None,
-        tokenizer: Any | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         anchor_unet: nn.Module | None = None,
-        sample_scheduler: Any | None = None,
+        sample_scheduler: SchedulerMixin | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         w_diff: float = 1.0,
@@ -303,7 +308,9 @@ class ACPOModule(pl.LightningModule):
             anchor = torch.zeros_like(diff)
         n_scored = n_perc if hp.w_perc > 0 else 0
         scores, gate = self._perceptual_scores(noisy, pred, timesteps, prompts, n_scored)
-        terms = losses.acpo_objective(diff, anchor, scores, gate, hp.w_diff, self.w_anchor, hp.w_perc)
+        # a copy: constraint mode updates the weight in place before backward runs
+        w_anchor = self.w_anchor.detach().clone()
+        terms = losses.acpo_objective(diff, anchor, scores, gate, hp.w_diff, w_anchor, hp.w_perc)
         return terms, {"perc_share": n_scored / size}
 
     def _uses_anchor(self) -> bool:
@@ -341,7 +348,7 @@ class ACPOModule(pl.LightningModule):
     def _update_anchor_weight(self, drift: Tensor) -> None:
         """Constraint mode: dual ascent on ``w_anchor`` against the running mean drift."""
         drift = drift.detach()
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             drift = self.trainer.strategy.reduce(drift, reduce_op="mean")
         beta = self.hparams.drift_ema if self.drift_ema_steps > 0 else 0.0
         self.drift_ema.copy_(beta * self.drift_ema + (1 - beta) * drift)
@@ -487,7 +494,7 @@ class ACPOModule(pl.LightningModule):
         load_lora(self.unet, path)
 
 
-def _default_sampler(noise_scheduler: Any) -> Any:
+def _default_sampler(noise_scheduler: SchedulerMixin) -> SchedulerMixin:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(noise_scheduler.config)

@@ -8,7 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import Dataset
 
-from acpo_lightning.data.images import BadSampleError, SampleProblem, describe_ref, load_image, open_image
+from acpo_lightning.data.images import (
+    BadSampleError,
+    SampleProblem,
+    describe_ref,
+    load_image,
+    open_image,
+)
 from acpo_lightning.data.sources import RecordTable, check_prompt
 from acpo_lightning.data.transforms import ImageTransform
 

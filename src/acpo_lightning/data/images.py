@@ -14,12 +14,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageRef = Union[str, Path, bytes, Image.Image, dict]
+ImageRef = str | Path | bytes | Image.Image | dict
 """Where one image comes from: a file path, encoded bytes, a decoded PIL image, or a Hugging
 Face ``Image`` feature value (``{"bytes": ..., "path": ...}``)."""
 
@@ -194,7 +194,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     if mode == "P" and "transparency" in image.info:
         image, mode = image.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
-        rgba = image.convert("RGBA")
+        # Pillow converts premultiplied "La" only to "LA".
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":

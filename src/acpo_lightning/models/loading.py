@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from diffusers import SchedulerMixin
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -198,7 +200,7 @@ def load_tokenizer(
     revision: str | None = None,
     local_files_only: bool | None = None,
     model_max_length: int | None = None,
-) -> Any:
+) -> PreTrainedTokenizerBase:
     """Load a transformers tokenizer with ``AutoTokenizer``.
 
     Raises:
@@ -219,7 +221,7 @@ def load_scheduler(
     revision: str | None = None,
     local_files_only: bool | None = None,
     prediction_type: str | None = None,
-) -> Any:
+) -> SchedulerMixin:
     """Load a diffusers noise scheduler's config into ``scheduler_class`` (DDPM for training).
 
     Args:

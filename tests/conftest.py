@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real models (seeded, CPU, offline) and a module factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from acpo_lightning import ACPOModule
+from acpo_lightning import testing as T
+from acpo_lightning.models import add_lora
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch a hub: any accidental download fails fast instead of hanging."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return T.write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def make_module(tokenizer_dir: Path | None = None, *, latent: bool = True, conditional: bool = True,
+                lora_init: bool | str = True, rank: int = 4, **kwargs) -> ACPOModule:
+    """An ACPOModule on tiny real parts; ``kwargs`` go to ``ACPOModule``."""
+    torch.manual_seed(0)
+    if conditional:
+        unet = T.tiny_unet(in_channels=4 if latent else 3, sample_size=16)
+    else:
+        unet = T.tiny_pixel_unet(sample_size=16) if not latent else None
+    parts = {
+        "unet": add_lora(unet, rank=rank, init_lora_weights=lora_init),
+        "quality_head": kwargs.pop("quality_head", T.TinyQualityHead()),
+        "noise_scheduler": kwargs.pop("noise_scheduler", T.tiny_scheduler()),
+        "vae": T.tiny_vae() if latent else None,
+    }
+    if conditional:
+        parts["text_encoder"] = T.tiny_text_encoder()
+        parts["tokenizer"] = T.tiny_tokenizer(str(tokenizer_dir) if tokenizer_dir else None)
+    return ACPOModule(**parts, **kwargs)
+
+
+def shapes_batch(size: int = 4, image_size: int = 32) -> dict:
+    from acpo_lightning.data import ShapesDataset, collate_prompt_images
+
+    dataset = ShapesDataset(length=size, size=image_size)
+    return collate_prompt_images([dataset[i] for i in range(size)])

@@ -1,0 +1,228 @@
+"""ACPOModule behaviour on tiny real models."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_module, shapes_batch
+
+from acpo_lightning import ACPOModule
+from acpo_lightning import losses
+from acpo_lightning import testing as T
+from acpo_lightning.data import ShapesDataModule
+from acpo_lightning.models import add_lora
+from acpo_lightning.quality import QualityHead
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                    default_root_dir=tmp_path)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _step(module: ACPOModule, batch: dict, seed: int = 0) -> losses.ACPOTerms:
+    module.train()
+    terms, _ = module.compute_terms(batch, torch.Generator().manual_seed(seed))
+    return terms
+
+
+def test_lora_at_init_matches_anchor_then_drifts(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, w_perc=1.0, perceptual_share=0.5)
+    batch = shapes_batch()
+    terms = _step(module, batch)
+    assert terms.anchor.item() == 0.0  # zero-init LoRA: policy == anchor exactly
+    x = torch.randn(2, 4, 16, 16)
+    t, cond = torch.tensor([5, 600]), module.encode_prompts(["a red square", "a blue circle"])
+    torch.testing.assert_close(
+        module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond), rtol=0, atol=0
+    )
+    optimizer = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    terms.loss.backward()
+    optimizer.step()
+    assert _step(module, batch, seed=1).anchor.item() > 0
+    assert not torch.allclose(module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond))
+
+
+def test_gradients_reach_only_trainable_parameters(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
+    _step(module, shapes_batch()).loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in trainable)
+    assert all(grads[n] is None for n in grads if n not in trainable)
+
+
+def test_no_perceptual_gradient_above_tau(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, tau=400)
+    noisy = torch.randn(2, 4, 16, 16)
+    pred = torch.randn(2, 4, 16, 16, requires_grad=True)
+    timesteps = torch.tensor([100, 900])
+    scores, gate = module._perceptual_scores(noisy, pred, timesteps, ["a", "b"], count=2)
+    assert gate.tolist() == [True, False]
+    losses.perceptual_loss(scores, gate).backward()
+    assert pred.grad[0].abs().sum() > 0
+    assert pred.grad[1].abs().sum() == 0
+
+
+def test_only_the_perceptual_share_is_decoded(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, perceptual_share=0.25, w_perc=1.0)
+    seen = []
+    module.vae.decoder.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    _step(module, shapes_batch(size=8))
+    assert seen == [2]
+    module.hparams.w_perc = 0.0
+    seen.clear()
+    _step(module, shapes_batch(size=8))
+    assert seen == []  # nothing decoded when the perceptual term is off
+
+
+def test_constraint_mode_moves_weight_towards_budget(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0)
+    module._update_anchor_weight(torch.tensor(2.0))  # drift above budget
+    assert module.w_anchor.item() == pytest.approx(2.5)
+    module = make_module(tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0)
+    module._update_anchor_weight(torch.tensor(0.0))  # drift below budget
+    assert module.w_anchor.item() == pytest.approx(0.5)
+
+
+def test_constraint_mode_in_fit_raises_weight_when_drifting(tokenizer_dir, tmp_path) -> None:
+    module = make_module(tokenizer_dir, lora_init=False, anchor_mode="constraint", anchor_delta=1e-6)
+    _trainer(tmp_path).fit(module, ShapesDataModule(train_size=12, batch_size=4))
+    assert module.w_anchor.item() > 1.0
+    assert module.drift_ema.item() > 0
+
+
+class _ModeProbe(pl.Callback):
+    def __init__(self) -> None:
+        self.modes: list[tuple[bool, ...]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.modes.append((module.unet.training, *(m.training for m in module.frozen_modules())))
+
+
+def test_frozen_parts_stay_eval_and_out_of_checkpoint(tokenizer_dir, tmp_path) -> None:
+    module = make_module(tokenizer_dir)
+    probe = _ModeProbe()
+    trainer = _trainer(tmp_path, callbacks=[probe], enable_checkpointing=True, max_steps=2)
+    trainer.fit(module, ShapesDataModule(train_size=8, batch_size=4))
+    assert probe.modes and all(m == (True, False, False, False) for m in probe.modes)
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert set(state) == module.trained_state_keys()
+    assert not any(k.startswith(("vae.", "text_encoder.", "quality_head.")) for k in state)
+    fresh = make_module(tokenizer_dir)
+    fresh.on_load_checkpoint({"state_dict": state})
+    fresh.load_state_dict(state, strict=False)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(dict(fresh.named_parameters())[name], param, rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_adapter_is_refused(tokenizer_dir) -> None:
+    state = {k: v for k, v in make_module(tokenizer_dir, rank=4).state_dict().items() if "lora" in k}
+    other = make_module(tokenizer_dir, rank=2)
+    other.unet.requires_grad_(False)
+    add_lora(other.unet, rank=2, target_modules=["to_q"], adapter_name="extra")
+    with pytest.raises(ValueError, match="lacks .* trainable weights"):
+        other.on_load_checkpoint({"state_dict": state})
+
+
+@pytest.mark.parametrize(("latent", "conditional"), [(True, True), (False, False), (False, True)])
+def test_pixel_latent_conditional_unconditional_paths_train_and_generate(
+    tokenizer_dir, tmp_path, latent, conditional
+) -> None:
+    module = make_module(tokenizer_dir, latent=latent, conditional=conditional, w_perc=1.0,
+                         perceptual_share=0.5, num_inference_steps=2)
+    image_size = 32 if latent else 16
+    assert module.image_size == (image_size, image_size)
+    before = {n: p.clone() for n, p in module.named_parameters() if p.requires_grad}
+    _trainer(tmp_path, max_steps=2).fit(module, ShapesDataModule(train_size=8, batch_size=4, image_size=image_size))
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    prompts = ["a red square", "a green circle"] if conditional else 2
+    images = module.generate(prompts, seed=3)
+    assert images.shape == (2, 3, image_size, image_size)
+    assert images.min() >= 0 and images.max() <= 1
+    assert module.training  # generate restores the mode
+
+
+def test_generate_is_seeded_per_image_and_anchor_matches_at_init(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, num_inference_steps=3, guidance_scale=3.0)
+    pair = module.generate(["a red square", "a blue circle"], seed=7)
+    torch.testing.assert_close(module.generate(["a red square", "a blue circle"], seed=7), pair, rtol=0, atol=0)
+    torch.testing.assert_close(module.generate(["a blue circle"], seed=8)[0], pair[1], rtol=0, atol=1e-6)
+    assert not torch.allclose(module.generate(["a red square"], seed=9)[0], pair[0])
+    single = module.generate(["a red square"], seed=7)
+    torch.testing.assert_close(single[0], pair[0], rtol=0, atol=1e-5)  # batching only changes rounding
+    torch.testing.assert_close(module.generate(["a red square"], seed=7, use_anchor=True), single, rtol=0, atol=0)
+
+
+def test_generate_with_anchor_differs_after_training(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, lora_init=False, num_inference_steps=2)
+    tuned = module.generate(["a red square"], seed=0)
+    base = module.generate(["a red square"], seed=0, use_anchor=True)
+    assert not torch.allclose(tuned, base)
+
+
+def test_separate_anchor_unet_for_full_fine_tuning(tokenizer_dir) -> None:
+    parts = dict(quality_head=T.TinyQualityHead(), noise_scheduler=T.tiny_scheduler(), vae=T.tiny_vae(),
+                 text_encoder=T.tiny_text_encoder(), tokenizer=T.tiny_tokenizer(str(tokenizer_dir)))
+    with pytest.raises(ValueError, match="anchor_unet"):
+        ACPOModule(unet=T.tiny_unet(), **parts)
+    module = ACPOModule(unet=T.tiny_unet(), anchor_unet=T.tiny_unet(), **parts)
+    assert all(p.requires_grad for p in module.unet.parameters())
+    assert not any(p.requires_grad for p in module.anchor_unet.parameters())
+    assert _step(module, shapes_batch()).anchor.item() == 0.0  # same init seed: identical nets
+    assert "anchor_unet.conv_in.weight" not in module.trained_state_keys()
+
+
+class _WrongShapeHead(QualityHead):
+    def __init__(self) -> None:
+        super().__init__()
+        self.freeze()
+
+    def score(self, images, prompts=None):
+        return images.mean(dim=(2, 3))  # [B, 3] instead of [B]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tau": 1000}, r"tau=1000.*num_train_timesteps \(1000"),
+        ({"t_min": 500, "tau": 400}, r"t_min=500"),
+        ({"perceptual_share": 1.5}, r"perceptual_share=1.5"),
+        ({"anchor_mode": "soft"}, r"anchor_mode='soft'"),
+        ({"w_perc": -1.0}, r"w_perc=-1.0"),
+        ({"noise_scheduler": T.tiny_scheduler(prediction_type="flow")}, r"prediction_type 'flow'"),
+    ],
+)
+def test_bad_arguments_are_named(tokenizer_dir, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_module(tokenizer_dir, **kwargs)
+
+
+def test_conditional_unet_without_text_encoder_is_refused() -> None:
+    with pytest.raises(ValueError, match="text_encoder/tokenizer is missing"):
+        ACPOModule(unet=add_lora(T.tiny_unet(), rank=2), quality_head=T.TinyQualityHead(),
+                   noise_scheduler=T.tiny_scheduler(), vae=T.tiny_vae())
+
+
+def test_wrong_head_output_shape_fails_before_training(tokenizer_dir, tmp_path) -> None:
+    module = make_module(tokenizer_dir, quality_head=_WrongShapeHead())
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"returned \(2, 3\).*shape \[B\]"):
+        trainer.fit(module, ShapesDataModule(train_size=8, batch_size=4))
+    assert trainer.global_step == 0
+
+
+def test_logged_terms(tokenizer_dir, tmp_path) -> None:
+    module = make_module(tokenizer_dir, w_perc=1.0)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    trainer.fit(module, ShapesDataModule(train_size=8, batch_size=4))
+    keys = set(trainer.callback_metrics)
+    for name in ("loss", "loss_diff", "loss_anchor", "loss_perc", "iqa", "w_anchor", "perc_share"):
+        assert f"train/{name}" in keys and f"val/{name}" in keys
+    assert trainer.callback_metrics["train/perc_share"].item() == 0.25
