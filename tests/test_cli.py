@@ -1,0 +1,112 @@
+"""The command line end to end: every shipped config parses; the tiny overlays train."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONFIGS
+
+from acpo_lightning.cli import main
+
+#: Standalone configs, and each overlay with the config it is layered on.
+STANDALONE = ["acpo.yaml", "ddpm_church.yaml"]
+OVERLAYS = {"tiny.yaml": "acpo.yaml", "tiny_pixel.yaml": "ddpm_church.yaml"}
+
+
+def _config_args(name: str) -> list[str]:
+    base = OVERLAYS.get(name)
+    files = [base, name] if base else [name]
+    return [arg for f in files for arg in ("--config", str(CONFIGS / f))]
+
+
+def test_every_config_is_covered_here() -> None:
+    shipped = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert shipped == set(STANDALONE) | set(OVERLAYS)
+
+
+@pytest.mark.parametrize("name", STANDALONE + list(OVERLAYS))
+def test_config_parses(name: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_config_args(name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["unet"]["class_path"] == "acpo_lightning.models.add_lora"
+    assert 0 <= printed["model"]["tau"] < 1000
+
+
+def test_acpo_yaml_documents_every_knob() -> None:
+    text = (CONFIGS / "acpo.yaml").read_text()
+    for knob in ("w_diff", "w_anchor", "w_perc", "tau", "t_min", "perceptual_share", "anchor_mode",
+                 "anchor_delta", "prompt_dropout"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{knob}:"))
+        assert "#" in line, f"{knob} has no comment in acpo.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OVERLAYS))
+def test_tiny_overlays_fit_then_validate_test_predict(name: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *_config_args(name), "--trainer.max_steps", "4"])
+    out = tmp_path / "outputs" / Path(name).stem
+    last = out / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state and all("lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps"} for k in state)
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    for command in ("validate", "test", "predict"):
+        main([command, *_config_args(name), "--ckpt_path", str(last), "--trainer.logger", "false"])
+
+
+@pytest.mark.slow
+def test_lightning_console_script_runs_the_user_command(tmp_path) -> None:
+    script = Path(sys.executable).parent / "lightning"
+    assert script.exists(), "the `lightning` console script is not installed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(script), "fit", *_config_args("tiny.yaml"), "--trainer.max_steps", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt").exists()
+    module_help = subprocess.run([sys.executable, "-m", "acpo_lightning", "--help"], capture_output=True,
+                                 text=True, timeout=120)
+    assert module_help.returncode == 0 and "fit" in module_help.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model.not_a_knob", "1"], "not_a_knob"),
+        (["--model.tau", "late"], "tau"),
+        (["--model.anchor_mode", "soft"], "anchor_mode"),
+    ],
+)
+def test_bad_config_values_exit_with_the_key_named(extra, expected, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_config_args("tiny.yaml"), *extra])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  w_percc: 0.5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_config_args("tiny.yaml"), "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "w_percc" in capsys.readouterr().err
+
+
+def test_out_of_range_tau_stops_before_training_with_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_config_args("tiny.yaml"), "--model.tau", "5000"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "acpo: error: tau=5000" in err and "num_train_timesteps" in err
+    assert not (tmp_path / "outputs" / "tiny" / "checkpoints").exists()
