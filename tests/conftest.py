@@ -27,8 +27,15 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return T.write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-def make_module(tokenizer_dir: Path | None = None, *, latent: bool = True, conditional: bool = True,
-                lora_init: bool | str = True, rank: int = 4, **kwargs) -> ACPOModule:
+def make_module(
+    tokenizer_dir: Path | None = None,
+    *,
+    latent: bool = True,
+    conditional: bool = True,
+    lora_init: bool | str = True,
+    rank: int = 4,
+    **kwargs,
+) -> ACPOModule:
     """An ACPOModule on tiny real parts; ``kwargs`` go to ``ACPOModule``."""
     torch.manual_seed(0)
     if conditional:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS
 
 from acpo_lightning.cli import main
+from conftest import CONFIGS
 
 #: Standalone configs, and each overlay with the config it is layered on.
 STANDALONE = ["acpo.yaml", "ddpm_church.yaml"]
@@ -42,8 +42,17 @@ def test_config_parses(name: str, capsys) -> None:
 
 def test_acpo_yaml_documents_every_knob() -> None:
     text = (CONFIGS / "acpo.yaml").read_text()
-    for knob in ("w_diff", "w_anchor", "w_perc", "tau", "t_min", "perceptual_share", "anchor_mode",
-                 "anchor_delta", "prompt_dropout"):
+    for knob in (
+        "w_diff",
+        "w_anchor",
+        "w_perc",
+        "tau",
+        "t_min",
+        "perceptual_share",
+        "anchor_mode",
+        "anchor_delta",
+        "prompt_dropout",
+    ):
         line = next(line for line in text.splitlines() if line.strip().startswith(f"{knob}:"))
         assert "#" in line, f"{knob} has no comment in acpo.yaml"
 
@@ -56,7 +65,9 @@ def test_tiny_overlays_fit_then_validate_test_predict(name: str, tmp_path, monke
     out = tmp_path / "outputs" / Path(name).stem
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)["state_dict"]
-    assert state and all("lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps"} for k in state)
+    assert state and all(
+        "lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps"} for k in state
+    )
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     for command in ("validate", "test", "predict"):
         main([command, *_config_args(name), "--ckpt_path", str(last), "--trainer.logger", "false"])
@@ -69,12 +80,20 @@ def test_lightning_console_script_runs_the_user_command(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [str(script), "fit", *_config_args("tiny.yaml"), "--trainer.max_steps", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt").exists()
-    module_help = subprocess.run([sys.executable, "-m", "acpo_lightning", "--help"], capture_output=True,
-                                 text=True, timeout=120)
+    module_help = subprocess.run(
+        [sys.executable, "-m", "acpo_lightning", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert module_help.returncode == 0 and "fit" in module_help.stdout
 
 
@@ -102,7 +121,9 @@ def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys) -> None:
     assert "w_percc" in capsys.readouterr().err
 
 
-def test_out_of_range_tau_stops_before_training_with_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
+def test_out_of_range_tau_stops_before_training_with_one_clear_line(
+    tmp_path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_config_args("tiny.yaml"), "--model.tau", "5000"])

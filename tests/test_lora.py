@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from acpo_lightning import testing as T
-from acpo_lightning.models import LORA_WEIGHT_NAME, adapters_disabled, add_lora, has_lora, load_lora, save_lora
+from acpo_lightning.models import (
+    LORA_WEIGHT_NAME,
+    adapters_disabled,
+    add_lora,
+    has_lora,
+    load_lora,
+    save_lora,
+)
 
 
 def _inputs() -> tuple:
@@ -33,7 +40,9 @@ def test_zero_init_is_identity_and_toggle_restores_base() -> None:
     assert not torch.allclose(adapted, base)
     with adapters_disabled(random):
         torch.testing.assert_close(random(x, t, h).sample, base, rtol=0, atol=0)
-    torch.testing.assert_close(random(x, t, h).sample, adapted, rtol=0, atol=0)  # re-enabled on exit
+    torch.testing.assert_close(
+        random(x, t, h).sample, adapted, rtol=0, atol=0
+    )  # re-enabled on exit
 
 
 def test_save_load_round_trip_in_diffusers_layout(tmp_path) -> None:
@@ -42,7 +51,9 @@ def test_save_load_round_trip_in_diffusers_layout(tmp_path) -> None:
     path = save_lora(source, tmp_path)
     assert path.name == LORA_WEIGHT_NAME
     keys = list(load_file(str(path)))
-    assert keys and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys)
+    assert keys and all(
+        k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys
+    )
     target = add_lora(T.tiny_unet(), rank=4)
     load_lora(target, tmp_path)
     torch.testing.assert_close(target(x, t, h).sample, source(x, t, h).sample, rtol=0, atol=0)

@@ -14,15 +14,21 @@ ALPHAS_CUMPROD = torch.tensor([0.64, 0.36])
 def test_x0_recovery_by_hand() -> None:
     x_t, out = torch.ones(1, 1, 1, 1), torch.full((1, 1, 1, 1), 0.5)
     t0, t1 = torch.tensor([0]), torch.tensor([1])
-    assert losses.predicted_original(x_t, out, ALPHAS_CUMPROD, t0, "epsilon").item() == pytest.approx(0.875)
-    assert losses.predicted_original(x_t, out, ALPHAS_CUMPROD, t1, "v_prediction").item() == pytest.approx(0.2)
+    assert losses.predicted_original(
+        x_t, out, ALPHAS_CUMPROD, t0, "epsilon"
+    ).item() == pytest.approx(0.875)
+    assert losses.predicted_original(
+        x_t, out, ALPHAS_CUMPROD, t1, "v_prediction"
+    ).item() == pytest.approx(0.2)
     assert losses.predicted_original(x_t, out, ALPHAS_CUMPROD, t1, "sample").item() == 0.5
 
 
 def test_targets_by_hand() -> None:
     x0, eps, t0 = torch.ones(1, 1), torch.full((1, 1), 0.5), torch.tensor([0])
     assert losses.diffusion_target(x0, eps, ALPHAS_CUMPROD, t0, "epsilon").item() == 0.5
-    assert losses.diffusion_target(x0, eps, ALPHAS_CUMPROD, t0, "v_prediction").item() == pytest.approx(-0.2)
+    assert losses.diffusion_target(
+        x0, eps, ALPHAS_CUMPROD, t0, "v_prediction"
+    ).item() == pytest.approx(-0.2)
     assert losses.diffusion_target(x0, eps, ALPHAS_CUMPROD, t0, "sample").item() == 1.0
 
 
@@ -35,18 +41,24 @@ def test_perfect_prediction_recovers_x0(prediction_type: str) -> None:
     a, s = losses.schedule_coefficients(alphas, t, x0)
     x_t = a * x0 + s * eps
     target = losses.diffusion_target(x0, eps, alphas, t, prediction_type)
-    torch.testing.assert_close(losses.predicted_original(x_t, target, alphas, t, prediction_type), x0)
+    torch.testing.assert_close(
+        losses.predicted_original(x_t, target, alphas, t, prediction_type), x0
+    )
 
 
 def test_unknown_prediction_type_names_value_and_fix() -> None:
     with pytest.raises(ValueError, match=r"'flow'.*epsilon.*prediction_type"):
-        losses.predicted_original(torch.ones(1, 1), torch.ones(1, 1), ALPHAS_CUMPROD, torch.tensor([0]), "flow")
+        losses.predicted_original(
+            torch.ones(1, 1), torch.ones(1, 1), ALPHAS_CUMPROD, torch.tensor([0]), "flow"
+        )
 
 
 def test_mse_terms_are_per_sample_and_anchor_detached() -> None:
     pred = torch.tensor([[1.0, 3.0], [0.0, 0.0]], requires_grad=True)
     anchor = torch.tensor([[0.0, 1.0], [0.0, 2.0]], requires_grad=True)
-    torch.testing.assert_close(losses.diffusion_loss(pred, torch.zeros(2, 2)), torch.tensor([5.0, 0.0]))
+    torch.testing.assert_close(
+        losses.diffusion_loss(pred, torch.zeros(2, 2)), torch.tensor([5.0, 0.0])
+    )
     penalty = losses.anchor_penalty(pred, anchor)
     torch.testing.assert_close(penalty, torch.tensor([2.5, 2.0]))
     penalty.sum().backward()
@@ -73,20 +85,32 @@ def test_perceptual_loss_gates_samples() -> None:
 
 def test_objective_combines_weighted_terms() -> None:
     terms = losses.acpo_objective(
-        diff=torch.tensor([1.0, 3.0]), anchor=torch.tensor([0.5, 1.5]),
-        normalized_scores=torch.tensor([0.4]), gate=torch.tensor([True]),
-        w_diff=1.0, w_anchor=2.0, w_perc=0.5,
+        diff=torch.tensor([1.0, 3.0]),
+        anchor=torch.tensor([0.5, 1.5]),
+        normalized_scores=torch.tensor([0.4]),
+        gate=torch.tensor([True]),
+        w_diff=1.0,
+        w_anchor=2.0,
+        w_perc=0.5,
     )
     assert terms.loss.item() == pytest.approx(2.0 + 2.0 - 0.2)
-    assert (terms.diff.item(), terms.anchor.item(), terms.iqa.item()) == pytest.approx((2.0, 1.0, 0.4))
+    assert (terms.diff.item(), terms.anchor.item(), terms.iqa.item()) == pytest.approx(
+        (2.0, 1.0, 0.4)
+    )
     assert terms.perc.item() == pytest.approx(-0.4)
 
 
 def test_dual_ascent_moves_weight_towards_budget() -> None:
     w = torch.tensor(1.0)
-    assert losses.dual_ascent_step(w, torch.tensor(0.3), delta=0.1, lr=10.0).item() == pytest.approx(3.0)
-    assert losses.dual_ascent_step(w, torch.tensor(0.05), delta=0.1, lr=10.0).item() == pytest.approx(0.5)
-    assert losses.dual_ascent_step(w, torch.tensor(0.0), delta=0.5, lr=10.0).item() == 0.0  # projected
+    assert losses.dual_ascent_step(
+        w, torch.tensor(0.3), delta=0.1, lr=10.0
+    ).item() == pytest.approx(3.0)
+    assert losses.dual_ascent_step(
+        w, torch.tensor(0.05), delta=0.1, lr=10.0
+    ).item() == pytest.approx(0.5)
+    assert (
+        losses.dual_ascent_step(w, torch.tensor(0.0), delta=0.5, lr=10.0).item() == 0.0
+    )  # projected
 
 
 def test_sample_timesteps_share_and_range() -> None:

@@ -43,9 +43,17 @@ def test_loaders_read_a_local_repository(sd_dir) -> None:
     ids = tokenizer(["a cat"], padding="max_length", max_length=16, return_tensors="pt").input_ids
     torch.testing.assert_close(encoder(ids)[0], T.tiny_text_encoder()(ids)[0])
     scheduler = load_scheduler(str(sd_dir))
-    assert type(scheduler).__name__ == "DDPMScheduler" and scheduler.config.prediction_type == "v_prediction"
-    assert load_scheduler(str(sd_dir), prediction_type="epsilon").config.prediction_type == "epsilon"
-    assert type(load_scheduler(str(sd_dir), scheduler_class="DDIMScheduler")).__name__ == "DDIMScheduler"
+    assert (
+        type(scheduler).__name__ == "DDPMScheduler"
+        and scheduler.config.prediction_type == "v_prediction"
+    )
+    assert (
+        load_scheduler(str(sd_dir), prediction_type="epsilon").config.prediction_type == "epsilon"
+    )
+    assert (
+        type(load_scheduler(str(sd_dir), scheduler_class="DDIMScheduler")).__name__
+        == "DDIMScheduler"
+    )
 
 
 def test_unet_class_is_read_from_the_config(sd_dir) -> None:

@@ -5,20 +5,26 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_module, shapes_batch
 
-from acpo_lightning import ACPOModule
-from acpo_lightning import losses
+from acpo_lightning import ACPOModule, losses
 from acpo_lightning import testing as T
 from acpo_lightning.data import ShapesDataModule
 from acpo_lightning.models import add_lora
 from acpo_lightning.quality import QualityHead
+from conftest import make_module, shapes_batch
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                    default_root_dir=tmp_path)
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -36,13 +42,18 @@ def test_lora_at_init_matches_anchor_then_drifts(tokenizer_dir) -> None:
     x = torch.randn(2, 4, 16, 16)
     t, cond = torch.tensor([5, 600]), module.encode_prompts(["a red square", "a blue circle"])
     torch.testing.assert_close(
-        module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond), rtol=0, atol=0
+        module.unet_output(module.unet, x, t, cond),
+        module.anchor_output(x, t, cond),
+        rtol=0,
+        atol=0,
     )
     optimizer = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
     terms.loss.backward()
     optimizer.step()
     assert _step(module, batch, seed=1).anchor.item() > 0
-    assert not torch.allclose(module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond))
+    assert not torch.allclose(
+        module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond)
+    )
 
 
 def test_gradients_reach_only_trainable_parameters(tokenizer_dir) -> None:
@@ -80,16 +91,22 @@ def test_only_the_perceptual_share_is_decoded(tokenizer_dir) -> None:
 
 
 def test_constraint_mode_moves_weight_towards_budget(tokenizer_dir) -> None:
-    module = make_module(tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0)
+    module = make_module(
+        tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0
+    )
     module._update_anchor_weight(torch.tensor(2.0))  # drift above budget
     assert module.w_anchor.item() == pytest.approx(2.5)
-    module = make_module(tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0)
+    module = make_module(
+        tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0
+    )
     module._update_anchor_weight(torch.tensor(0.0))  # drift below budget
     assert module.w_anchor.item() == pytest.approx(0.5)
 
 
 def test_constraint_mode_in_fit_raises_weight_when_drifting(tokenizer_dir, tmp_path) -> None:
-    module = make_module(tokenizer_dir, lora_init=False, anchor_mode="constraint", anchor_delta=1e-6)
+    module = make_module(
+        tokenizer_dir, lora_init=False, anchor_mode="constraint", anchor_delta=1e-6
+    )
     _trainer(tmp_path).fit(module, ShapesDataModule(train_size=12, batch_size=4))
     assert module.w_anchor.item() > 1.0
     assert module.drift_ema.item() > 0
@@ -123,11 +140,13 @@ def test_frozen_parts_stay_eval_and_out_of_checkpoint(tokenizer_dir, tmp_path) -
 
 
 def test_checkpoint_from_another_adapter_is_refused(tokenizer_dir) -> None:
-    state = {k: v for k, v in make_module(tokenizer_dir, rank=4).state_dict().items() if "lora" in k}
+    state = {
+        k: v for k, v in make_module(tokenizer_dir, rank=4).state_dict().items() if "lora" in k
+    }
     other = make_module(tokenizer_dir, rank=2)
     other.unet.requires_grad_(False)
     add_lora(other.unet, rank=2, target_modules=["to_q"], adapter_name="extra")
-    with pytest.raises(ValueError, match="lacks .* trainable weights"):
+    with pytest.raises(ValueError, match=r"lacks .* trainable weights"):
         other.on_load_checkpoint({"state_dict": state})
 
 
@@ -135,13 +154,23 @@ def test_checkpoint_from_another_adapter_is_refused(tokenizer_dir) -> None:
 def test_pixel_latent_conditional_unconditional_paths_train_and_generate(
     tokenizer_dir, tmp_path, latent, conditional
 ) -> None:
-    module = make_module(tokenizer_dir, latent=latent, conditional=conditional, w_perc=1.0,
-                         perceptual_share=0.5, num_inference_steps=2)
+    module = make_module(
+        tokenizer_dir,
+        latent=latent,
+        conditional=conditional,
+        w_perc=1.0,
+        perceptual_share=0.5,
+        num_inference_steps=2,
+    )
     image_size = 32 if latent else 16
     assert module.image_size == (image_size, image_size)
     before = {n: p.clone() for n, p in module.named_parameters() if p.requires_grad}
-    _trainer(tmp_path, max_steps=2).fit(module, ShapesDataModule(train_size=8, batch_size=4, image_size=image_size))
-    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    _trainer(tmp_path, max_steps=2).fit(
+        module, ShapesDataModule(train_size=8, batch_size=4, image_size=image_size)
+    )
+    assert any(
+        not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad
+    )
     prompts = ["a red square", "a green circle"] if conditional else 2
     images = module.generate(prompts, seed=3)
     assert images.shape == (2, 3, image_size, image_size)
@@ -152,12 +181,20 @@ def test_pixel_latent_conditional_unconditional_paths_train_and_generate(
 def test_generate_is_seeded_per_image_and_anchor_matches_at_init(tokenizer_dir) -> None:
     module = make_module(tokenizer_dir, num_inference_steps=3, guidance_scale=3.0)
     pair = module.generate(["a red square", "a blue circle"], seed=7)
-    torch.testing.assert_close(module.generate(["a red square", "a blue circle"], seed=7), pair, rtol=0, atol=0)
-    torch.testing.assert_close(module.generate(["a blue circle"], seed=8)[0], pair[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        module.generate(["a red square", "a blue circle"], seed=7), pair, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        module.generate(["a blue circle"], seed=8)[0], pair[1], rtol=0, atol=1e-6
+    )
     assert not torch.allclose(module.generate(["a red square"], seed=9)[0], pair[0])
     single = module.generate(["a red square"], seed=7)
-    torch.testing.assert_close(single[0], pair[0], rtol=0, atol=1e-5)  # batching only changes rounding
-    torch.testing.assert_close(module.generate(["a red square"], seed=7, use_anchor=True), single, rtol=0, atol=0)
+    torch.testing.assert_close(
+        single[0], pair[0], rtol=0, atol=1e-5
+    )  # batching only changes rounding
+    torch.testing.assert_close(
+        module.generate(["a red square"], seed=7, use_anchor=True), single, rtol=0, atol=0
+    )
 
 
 def test_generate_with_anchor_differs_after_training(tokenizer_dir) -> None:
@@ -168,8 +205,13 @@ def test_generate_with_anchor_differs_after_training(tokenizer_dir) -> None:
 
 
 def test_separate_anchor_unet_for_full_fine_tuning(tokenizer_dir) -> None:
-    parts = dict(quality_head=T.TinyQualityHead(), noise_scheduler=T.tiny_scheduler(), vae=T.tiny_vae(),
-                 text_encoder=T.tiny_text_encoder(), tokenizer=T.tiny_tokenizer(str(tokenizer_dir)))
+    parts = dict(
+        quality_head=T.TinyQualityHead(),
+        noise_scheduler=T.tiny_scheduler(),
+        vae=T.tiny_vae(),
+        text_encoder=T.tiny_text_encoder(),
+        tokenizer=T.tiny_tokenizer(str(tokenizer_dir)),
+    )
     with pytest.raises(ValueError, match="anchor_unet"):
         ACPOModule(unet=T.tiny_unet(), **parts)
     module = ACPOModule(unet=T.tiny_unet(), anchor_unet=T.tiny_unet(), **parts)
@@ -206,8 +248,12 @@ def test_bad_arguments_are_named(tokenizer_dir, kwargs, message) -> None:
 
 def test_conditional_unet_without_text_encoder_is_refused() -> None:
     with pytest.raises(ValueError, match="text_encoder/tokenizer is missing"):
-        ACPOModule(unet=add_lora(T.tiny_unet(), rank=2), quality_head=T.TinyQualityHead(),
-                   noise_scheduler=T.tiny_scheduler(), vae=T.tiny_vae())
+        ACPOModule(
+            unet=add_lora(T.tiny_unet(), rank=2),
+            quality_head=T.TinyQualityHead(),
+            noise_scheduler=T.tiny_scheduler(),
+            vae=T.tiny_vae(),
+        )
 
 
 def test_wrong_head_output_shape_fails_before_training(tokenizer_dir, tmp_path) -> None:

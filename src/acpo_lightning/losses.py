@@ -40,7 +40,9 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
     return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def schedule_coefficients(alphas_cumprod: Tensor, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+def schedule_coefficients(
+    alphas_cumprod: Tensor, timesteps: Tensor, like: Tensor
+) -> tuple[Tensor, Tensor]:
     """Return ``(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))`` shaped like ``like``.
 
     Args:
@@ -53,7 +55,11 @@ def schedule_coefficients(alphas_cumprod: Tensor, timesteps: Tensor, like: Tenso
 
 
 def predicted_original(
-    sample: Tensor, model_output: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, prediction_type: str
+    sample: Tensor,
+    model_output: Tensor,
+    alphas_cumprod: Tensor,
+    timesteps: Tensor,
+    prediction_type: str,
 ) -> Tensor:
     """Recover the x0 estimate from a noisy sample and the model output.
 
@@ -117,7 +123,9 @@ def anchor_penalty(prediction: Tensor, anchor_prediction: Tensor) -> Tensor:
     return per_sample_mse(prediction, anchor_prediction.detach())
 
 
-def normalize_score(scores: Tensor, higher_is_better: bool, score_range: tuple[float, float]) -> Tensor:
+def normalize_score(
+    scores: Tensor, higher_is_better: bool, score_range: tuple[float, float]
+) -> Tensor:
     """Map raw quality scores to "higher is better, 1.0 is the nominal span".
 
     ``(s - low) / (high - low)`` when higher is better, ``(high - s) / (high - low)`` otherwise.
@@ -186,7 +194,9 @@ def acpo_objective(
     diff_mean, anchor_mean = diff.mean(), anchor.mean()
     perc = perceptual_loss(normalized_scores, gate)
     iqa = (
-        normalized_scores.detach().mean() if normalized_scores.numel() else diff_mean.detach().new_tensor(math.nan)
+        normalized_scores.detach().mean()
+        if normalized_scores.numel()
+        else diff_mean.detach().new_tensor(math.nan)
     )
     loss = w_diff * diff_mean + w_anchor * anchor_mean + w_perc * perc
     return ACPOTerms(loss=loss, diff=diff_mean, anchor=anchor_mean, perc=perc, iqa=iqa)
@@ -229,5 +239,7 @@ def sample_timesteps(
     n_perc = round(share * batch_size)
     device = generator.device
     late = torch.randint(t_min, tau + 1, (n_perc,), generator=generator, device=device)
-    rest = torch.randint(0, num_train_timesteps, (batch_size - n_perc,), generator=generator, device=device)
+    rest = torch.randint(
+        0, num_train_timesteps, (batch_size - n_perc,), generator=generator, device=device
+    )
     return torch.cat([late, rest]), n_perc

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -109,8 +109,18 @@ class ACPOModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["unet", "quality_head", "noise_scheduler", "vae", "text_encoder", "tokenizer",
-                    "anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler"]
+            ignore=[
+                "unet",
+                "quality_head",
+                "noise_scheduler",
+                "vae",
+                "text_encoder",
+                "tokenizer",
+                "anchor_unet",
+                "sample_scheduler",
+                "optimizer",
+                "lr_scheduler",
+            ]
         )
         self.unet, self.quality_head, self.vae = unet, quality_head, vae
         self.text_encoder, self.tokenizer, self.anchor_unet = text_encoder, tokenizer, anchor_unet
@@ -126,12 +136,16 @@ class ACPOModule(pl.LightningModule):
             frozen.requires_grad_(False).eval()
         if not has_lora(unet):
             unet.requires_grad_(True)  # full fine-tuning
-        self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.register_buffer(
+            "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
+        )
         self.register_buffer("w_anchor_state", torch.tensor(float(w_anchor)))
         self.register_buffer("drift_ema", torch.tensor(0.0))
         self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
         self._null_embedding: Tensor | None = None
-        self.strict_loading = False  # frozen weights are not in our checkpoints (see on_save_checkpoint)
+        self.strict_loading = (
+            False  # frozen weights are not in our checkpoints (see on_save_checkpoint)
+        )
 
     # ------------------------------------------------------------------ set-up and validation
     def _validate_knobs(self) -> None:
@@ -142,15 +156,21 @@ class ACPOModule(pl.LightningModule):
                 f"({self.num_train_timesteps}, from the noise scheduler); e.g. tau: 400, t_min: 0."
             )
         if not 0.0 <= hp.perceptual_share <= 1.0:
-            raise ValueError(f"perceptual_share={hp.perceptual_share} must be in [0, 1] (e.g. 0.25).")
+            raise ValueError(
+                f"perceptual_share={hp.perceptual_share} must be in [0, 1] (e.g. 0.25)."
+            )
         if not 0.0 <= hp.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout={hp.prompt_dropout} must be in [0, 1) (e.g. 0.1).")
         if hp.anchor_mode not in ("penalty", "constraint"):
             raise ValueError(f"anchor_mode={hp.anchor_mode!r} must be 'penalty' or 'constraint'.")
         if min(hp.w_diff, hp.w_anchor, hp.w_perc) < 0:
-            raise ValueError(f"loss weights must be >= 0, got w_diff={hp.w_diff}, w_anchor={hp.w_anchor}, w_perc={hp.w_perc}.")
+            raise ValueError(
+                f"loss weights must be >= 0, got w_diff={hp.w_diff}, w_anchor={hp.w_anchor}, w_perc={hp.w_perc}."
+            )
         if hp.anchor_mode == "constraint" and hp.anchor_delta <= 0:
-            raise ValueError(f"anchor_delta={hp.anchor_delta} must be > 0 in constraint mode (allowed mean drift).")
+            raise ValueError(
+                f"anchor_delta={hp.anchor_delta} must be > 0 in constraint mode (allowed mean drift)."
+            )
 
     def _validate_parts(self) -> None:
         if self.is_conditional and (self.text_encoder is None or self.tokenizer is None):
@@ -237,8 +257,11 @@ class ACPOModule(pl.LightningModule):
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Text-encoder hidden states ``[B, L, D]`` for ``prompts`` (frozen, no grad)."""
         tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self._prompt_length(),
-            truncation=True, return_tensors="pt",
+            list(prompts),
+            padding="max_length",
+            max_length=self._prompt_length(),
+            truncation=True,
+            return_tensors="pt",
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
@@ -266,14 +289,18 @@ class ACPOModule(pl.LightningModule):
             latents = self.vae.decode(latents.to(self.vae.dtype)).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
-    def unet_output(self, unet: nn.Module, sample: Tensor, timesteps: Tensor, cond: Tensor | None) -> Tensor:
+    def unet_output(
+        self, unet: nn.Module, sample: Tensor, timesteps: Tensor, cond: Tensor | None
+    ) -> Tensor:
         """Call a UNet and keep the part of its output that the prediction type refers to."""
         timesteps = timesteps.expand(sample.shape[0]) if timesteps.ndim == 0 else timesteps
         if self.is_conditional:
             out = unet(sample, timesteps, encoder_hidden_states=cond).sample
         else:
             out = unet(sample, timesteps).sample
-        if out.shape[1] == 2 * sample.shape[1]:  # learned variance: the first half is the mean output
+        if (
+            out.shape[1] == 2 * sample.shape[1]
+        ):  # learned variance: the first half is the mean output
             out = out[:, : sample.shape[1]]
         return out
 
@@ -286,7 +313,9 @@ class ACPOModule(pl.LightningModule):
                 return self.unet_output(self.unet, sample, timesteps, cond)
 
     # ------------------------------------------------------------------ the objective
-    def compute_terms(self, batch: dict, generator: torch.Generator) -> tuple[losses.ACPOTerms, dict[str, float]]:
+    def compute_terms(
+        self, batch: dict, generator: torch.Generator
+    ) -> tuple[losses.ACPOTerms, dict[str, float]]:
         """Run one data-driven ACPO step on ``batch`` and return its terms and host-side stats."""
         hp = self.hparams
         x0 = self.encode_images(batch["pixel_values"].to(self.device), generator)
@@ -300,7 +329,9 @@ class ACPOModule(pl.LightningModule):
         alpha, sigma = losses.schedule_coefficients(self.alphas_cumprod, timesteps, x0)
         noisy = alpha * x0 + sigma * noise
         pred = self.unet_output(self.unet, noisy, timesteps, cond)
-        target = losses.diffusion_target(x0, noise, self.alphas_cumprod, timesteps, self.prediction_type)
+        target = losses.diffusion_target(
+            x0, noise, self.alphas_cumprod, timesteps, self.prediction_type
+        )
         diff = losses.diffusion_loss(pred, target)
         if self._uses_anchor():
             anchor = losses.anchor_penalty(pred, self.anchor_output(noisy, timesteps, cond))
@@ -316,7 +347,9 @@ class ACPOModule(pl.LightningModule):
     def _uses_anchor(self) -> bool:
         return self.hparams.anchor_mode == "constraint" or self.hparams.w_anchor > 0
 
-    def _conditioning(self, prompts: Sequence[str] | None, size: int, generator: torch.Generator) -> Tensor | None:
+    def _conditioning(
+        self, prompts: Sequence[str] | None, size: int, generator: torch.Generator
+    ) -> Tensor | None:
         if not self.is_conditional:
             return None
         if prompts is None or len(prompts) != size:
@@ -326,23 +359,37 @@ class ACPOModule(pl.LightningModule):
             )
         cond = self.encode_prompts(prompts)
         if self.training and self.hparams.prompt_dropout > 0:
-            drop = torch.rand(size, generator=generator, device=self.device) < self.hparams.prompt_dropout
+            drop = (
+                torch.rand(size, generator=generator, device=self.device)
+                < self.hparams.prompt_dropout
+            )
             cond = torch.where(drop.view(-1, 1, 1), self.null_embedding().to(cond.dtype), cond)
         return cond
 
     def _perceptual_scores(
-        self, noisy: Tensor, pred: Tensor, timesteps: Tensor, prompts: Sequence[str] | None, count: int
+        self,
+        noisy: Tensor,
+        pred: Tensor,
+        timesteps: Tensor,
+        prompts: Sequence[str] | None,
+        count: int,
     ) -> tuple[Tensor, Tensor]:
         """Decode and score the first ``count`` samples (the perceptual share) only."""
         if count == 0:
             empty = pred.new_zeros(0, dtype=torch.float32)
             return empty, torch.zeros(0, dtype=torch.bool, device=pred.device)
         x0_hat = losses.predicted_original(
-            noisy[:count], pred[:count].float(), self.alphas_cumprod, timesteps[:count], self.prediction_type
+            noisy[:count],
+            pred[:count].float(),
+            self.alphas_cumprod,
+            timesteps[:count],
+            self.prediction_type,
         )
         images = self.decode(x0_hat)
         raw = self.quality_head(images, list(prompts[:count]) if prompts is not None else None)
-        scores = losses.normalize_score(raw, self.quality_head.higher_is_better, self.quality_head.score_range)
+        scores = losses.normalize_score(
+            raw, self.quality_head.higher_is_better, self.quality_head.score_range
+        )
         return scores, losses.late_mask(timesteps[:count], self.hparams.tau)
 
     def _update_anchor_weight(self, drift: Tensor) -> None:
@@ -354,10 +401,14 @@ class ACPOModule(pl.LightningModule):
         self.drift_ema.copy_(beta * self.drift_ema + (1 - beta) * drift)
         self.drift_ema_steps += 1
         self.w_anchor_state.copy_(
-            losses.dual_ascent_step(self.w_anchor_state, self.drift_ema, self.hparams.anchor_delta, self.hparams.dual_lr)
+            losses.dual_ascent_step(
+                self.w_anchor_state, self.drift_ema, self.hparams.anchor_delta, self.hparams.dual_lr
+            )
         )
 
-    def _log_terms(self, stage: str, terms: losses.ACPOTerms, stats: dict[str, float], size: int) -> None:
+    def _log_terms(
+        self, stage: str, terms: losses.ACPOTerms, stats: dict[str, float], size: int
+    ) -> None:
         on_step = stage == "train"
         values = {
             f"{stage}/loss_diff": terms.diff.detach(),
@@ -368,9 +419,18 @@ class ACPOModule(pl.LightningModule):
         if stats["perc_share"] > 0:
             values[f"{stage}/loss_perc"] = terms.perc.detach()
             values[f"{stage}/iqa"] = terms.iqa
-        self.log_dict(values, on_step=on_step, on_epoch=not on_step, batch_size=size, sync_dist=not on_step)
-        self.log(f"{stage}/loss", terms.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                 batch_size=size, sync_dist=not on_step)
+        self.log_dict(
+            values, on_step=on_step, on_epoch=not on_step, batch_size=size, sync_dist=not on_step
+        )
+        self.log(
+            f"{stage}/loss",
+            terms.loss.detach(),
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=size,
+            sync_dist=not on_step,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator("train", self.global_step, batch_idx)
@@ -438,13 +498,25 @@ class ACPOModule(pl.LightningModule):
                 uncond = self.null_embedding().expand_as(cond) if guidance > 1.0 else None
             shape = (count, self.latent_channels, self.latent_size, self.latent_size)
             generators = per_sample_generators(seed, count)
-            noise = initial_noise(shape, generators, self.device, cond.dtype if cond is not None else torch.float32)
-            toggle = adapters_disabled(self.unet) if use_anchor and self.anchor_unet is None else nullcontext()
+            noise = initial_noise(
+                shape, generators, self.device, cond.dtype if cond is not None else torch.float32
+            )
+            toggle = (
+                adapters_disabled(self.unet)
+                if use_anchor and self.anchor_unet is None
+                else nullcontext()
+            )
             unet = self.anchor_unet if use_anchor and self.anchor_unet is not None else self.unet
             with toggle:
                 latents, _ = denoise(
                     lambda x, t, c: self.unet_output(unet, x, t, c),
-                    self.sample_scheduler, noise, cond, uncond, guidance, steps, generator=generators[0],
+                    self.sample_scheduler,
+                    noise,
+                    cond,
+                    uncond,
+                    guidance,
+                    steps,
+                    generator=generators[0],
                 )
             return self.decode(latents)
         finally:
@@ -458,14 +530,21 @@ class ACPOModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         params = self.trainable_parameters()
         if not params:
-            raise ValueError("no trainable parameters: add LoRA (models.add_lora) or pass a trainable UNet.")
+            raise ValueError(
+                "no trainable parameters: add LoRA (models.add_lora) or pass a trainable UNet."
+            )
         optimizer = (
-            self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-4)
+            self.optimizer_factory(params)
+            if self.optimizer_factory
+            else torch.optim.AdamW(params, lr=1e-4)
         )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def trained_state_keys(self) -> set[str]:
         """Names in ``state_dict`` that a checkpoint must hold: trainable weights and dual state."""

@@ -17,13 +17,18 @@ from torch import Tensor
 UNetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-def per_sample_generators(seed: int, count: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+def per_sample_generators(
+    seed: int, count: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
     """One generator per image, seeded ``seed + i``: image ``i`` does not depend on batching."""
     return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
 
 
 def initial_noise(
-    shape: tuple[int, ...], generators: list[torch.Generator], device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor:
     """Draw ``shape[0]`` noise maps, one per generator, as diffusers' ``randn_tensor`` does."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -37,7 +42,11 @@ def fresh_scheduler(scheduler):  # type: ignore[no-untyped-def]
 
 
 def guided_prediction(
-    unet_fn: UNetFn, latents: Tensor, timestep: Tensor, cond: Tensor | None, uncond: Tensor | None,
+    unet_fn: UNetFn,
+    latents: Tensor,
+    timestep: Tensor,
+    cond: Tensor | None,
+    uncond: Tensor | None,
     guidance_scale: float,
 ) -> Tensor:
     """One UNet evaluation with classifier-free guidance when ``uncond`` is given and ``g > 1``."""

@@ -124,7 +124,9 @@ def tiny_tokenizer(directory: str | None = None) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=TINY_MAX_LENGTH)
 
 
-def tiny_scheduler(prediction_type: str = "epsilon", num_train_timesteps: int = 1000) -> DDPMScheduler:
+def tiny_scheduler(
+    prediction_type: str = "epsilon", num_train_timesteps: int = 1000
+) -> DDPMScheduler:
     """Stable Diffusion's training noise schedule (scaled linear betas)."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
@@ -155,7 +157,9 @@ class TinyQualityHead(QualityHead):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
         )
         self.fc = nn.Linear(8, 1)
         for p in self.parameters():

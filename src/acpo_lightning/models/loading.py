@@ -21,9 +21,13 @@ from transformers import PreTrainedTokenizerBase
 T = TypeVar("T")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -60,7 +64,9 @@ def _cache_dir() -> str:
         return os.path.expanduser("~/.cache/huggingface/hub")
 
 
-def missing_weights_message(what: str, name_or_path: str, subfolder: str | None, cause: BaseException) -> str:
+def missing_weights_message(
+    what: str, name_or_path: str, subfolder: str | None, cause: BaseException
+) -> str:
     """Build the user-facing explanation for weights that could not be loaded."""
     where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
     if Path(name_or_path).exists():
@@ -96,9 +102,15 @@ def load_pretrained(
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as error:  # diffusers/transformers raise both for missing files
         text = str(error)
-        if isinstance(error, ValueError) and "local_files_only" not in text and "connect" not in text.lower():
+        if (
+            isinstance(error, ValueError)
+            and "local_files_only" not in text
+            and "connect" not in text.lower()
+        ):
             raise
-        raise ModelNotFoundError(missing_weights_message(what, name_or_path, subfolder, error)) from error
+        raise ModelNotFoundError(
+            missing_weights_message(what, name_or_path, subfolder, error)
+        ) from error
 
 
 def load_unet(
@@ -132,16 +144,25 @@ def load_unet(
     kwargs = dict(revision=revision, variant=variant, local_files_only=local_files_only)
     if model_class is None:
         config = load_pretrained(
-            diffusers.UNet2DConditionModel.load_config, "UNet config", pretrained_model_name_or_path,
-            subfolder, **kwargs,
+            diffusers.UNet2DConditionModel.load_config,
+            "UNet config",
+            pretrained_model_name_or_path,
+            subfolder,
+            **kwargs,
         )
         model_class = config.get("_class_name", "UNet2DConditionModel")
     cls = getattr(diffusers, model_class, None)
     if cls is None:
-        raise ValueError(f"model_class {model_class!r} is not a diffusers class; e.g. UNet2DConditionModel")
+        raise ValueError(
+            f"model_class {model_class!r} is not a diffusers class; e.g. UNet2DConditionModel"
+        )
     return load_pretrained(
-        cls.from_pretrained, "UNet", pretrained_model_name_or_path, subfolder,
-        torch_dtype=resolve_dtype(torch_dtype), **kwargs,
+        cls.from_pretrained,
+        "UNet",
+        pretrained_model_name_or_path,
+        subfolder,
+        torch_dtype=resolve_dtype(torch_dtype),
+        **kwargs,
     )
 
 
@@ -161,8 +182,13 @@ def load_vae(
     from diffusers import AutoencoderKL
 
     return load_pretrained(
-        AutoencoderKL.from_pretrained, "VAE", pretrained_model_name_or_path, subfolder,
-        revision=revision, variant=variant, torch_dtype=resolve_dtype(torch_dtype),
+        AutoencoderKL.from_pretrained,
+        "VAE",
+        pretrained_model_name_or_path,
+        subfolder,
+        revision=revision,
+        variant=variant,
+        torch_dtype=resolve_dtype(torch_dtype),
         local_files_only=local_files_only,
     )
 
@@ -184,13 +210,26 @@ def load_text_encoder(
 
     kwargs = dict(revision=revision, local_files_only=local_files_only)
     config = load_pretrained(
-        AutoConfig.from_pretrained, "text encoder config", pretrained_model_name_or_path, subfolder, **kwargs
+        AutoConfig.from_pretrained,
+        "text encoder config",
+        pretrained_model_name_or_path,
+        subfolder,
+        **kwargs,
     )
     # A full CLIP config loads as CLIPModel via AutoModel; the text tower alone is what we want.
-    loader = CLIPTextModel.from_pretrained if config.model_type in {"clip", "clip_text_model"} else AutoModel.from_pretrained
+    loader = (
+        CLIPTextModel.from_pretrained
+        if config.model_type in {"clip", "clip_text_model"}
+        else AutoModel.from_pretrained
+    )
     return load_pretrained(
-        loader, "text encoder", pretrained_model_name_or_path, subfolder,
-        variant=variant, dtype=resolve_dtype(torch_dtype), **kwargs,
+        loader,
+        "text encoder",
+        pretrained_model_name_or_path,
+        subfolder,
+        variant=variant,
+        dtype=resolve_dtype(torch_dtype),
+        **kwargs,
     )
 
 
@@ -209,8 +248,13 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     return load_pretrained(
-        AutoTokenizer.from_pretrained, "tokenizer", pretrained_model_name_or_path, subfolder,
-        revision=revision, local_files_only=local_files_only, model_max_length=model_max_length,
+        AutoTokenizer.from_pretrained,
+        "tokenizer",
+        pretrained_model_name_or_path,
+        subfolder,
+        revision=revision,
+        local_files_only=local_files_only,
+        model_max_length=model_max_length,
     )
 
 
@@ -240,9 +284,16 @@ def load_scheduler(
 
     cls = getattr(diffusers, scheduler_class, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ValueError(f"scheduler_class {scheduler_class!r} is not a diffusers scheduler; e.g. DDPMScheduler")
+        raise ValueError(
+            f"scheduler_class {scheduler_class!r} is not a diffusers scheduler; e.g. DDPMScheduler"
+        )
     overrides = {"prediction_type": prediction_type} if prediction_type else {}
     return load_pretrained(
-        cls.from_pretrained, "scheduler", pretrained_model_name_or_path, subfolder,
-        revision=revision, local_files_only=local_files_only, **overrides,
+        cls.from_pretrained,
+        "scheduler",
+        pretrained_model_name_or_path,
+        subfolder,
+        revision=revision,
+        local_files_only=local_files_only,
+        **overrides,
     )

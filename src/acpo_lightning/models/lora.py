@@ -11,7 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -126,7 +131,9 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
     if not has_lora(model):
-        raise ValueError(f"{type(model).__name__} has no LoRA adapter to save; add one with add_lora().")
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA adapter to save; add one with add_lora()."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHT_NAME
@@ -154,7 +161,9 @@ def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {path}; expected a {LORA_WEIGHT_NAME} written by save_lora")
+        raise FileNotFoundError(
+            f"no LoRA weights at {path}; expected a {LORA_WEIGHT_NAME} written by save_lora"
+        )
     state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
     state = convert_unet_state_dict_to_peft(state)
     result = set_peft_model_state_dict(model, state)

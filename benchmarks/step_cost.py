@@ -1,0 +1,269 @@
+"""Step cost of ACPO against plain LoRA fine-tuning and the peers' ways, side by side.
+
+Each variant runs in its own fresh process (so peak memory is its own) on the same seeded models and
+batch: wall time per optimizer step (median after warm-up) and peak memory (CUDA:
+``max_memory_allocated``; CPU: growth of the peak resident set over the process's state after the
+models were built). Results print as a table of ratios against plain LoRA and go to
+``outputs/bench/step_cost.json``.
+
+    python benchmarks/step_cost.py               # CPU: SD-1.5-shaped UNet at a tenth of its width
+    python benchmarks/step_cost.py --full        # full SD-1.5 sizes (GPU), see gpu_check.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VARIANTS = {
+    "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0),
+    "acpo_toggle_share0.25": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=0.25),
+    "acpo_toggle_share1.0": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=1.0),
+    "acpo_separate_anchor_share0.25": dict(
+        w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, separate=True
+    ),
+    "draft_k1_chain": dict(draft=True),
+}
+
+
+def sd15_unet(scale: float, sample_size: int) -> nn.Module:
+    """Stable Diffusion 1.5's UNet layout; ``scale`` multiplies every width (1.0 = the real model)."""
+    from diffusers import UNet2DConditionModel
+
+    widths = tuple(max(32, int(c * scale) // 32 * 32) for c in (320, 640, 1280, 1280))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=widths,
+        layers_per_block=2,
+        cross_attention_dim=max(32, int(768 * scale) // 8 * 8),
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+
+
+def sd15_vae(scale: float) -> nn.Module:
+    """Stable Diffusion's KL autoencoder layout (8x downsampling) at ``scale`` of its width."""
+    from diffusers import AutoencoderKL
+
+    widths = tuple(max(32, int(c * scale) // 32 * 32) for c in (128, 256, 512, 512))
+    return AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=32,
+    )
+
+
+def iqa_sized_head(native_size: int) -> nn.Module:
+    """A ResNet-50 quality head (about MANIQA's cost per image), random weights, frozen."""
+    from torchvision.models import resnet50
+
+    from acpo_lightning.quality import QualityHead
+
+    class ResNetHead(QualityHead):
+        higher_is_better, score_range = True, (0.0, 1.0)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.native_size = native_size
+            self.net = resnet50(weights=None, num_classes=1)
+            self.freeze()
+
+        def score(self, images, prompts=None):
+            return torch.sigmoid(self.net(images).squeeze(1))
+
+    return ResNetHead()
+
+
+def build(args: argparse.Namespace, spec: dict):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from acpo_lightning import ACPOModule
+    from acpo_lightning.models import add_lora
+    from acpo_lightning.testing import tiny_scheduler, write_tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = add_lora(sd15_unet(args.scale, args.latent), rank=16)
+    anchor = sd15_unet(args.scale, args.latent) if spec.get("separate") else None
+    dim = unet.config.cross_attention_dim
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=514,
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tiny_tokenizer(Path(args.out) / "tokenizer"))
+    )
+    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft"}}
+    module = ACPOModule(
+        unet=unet,
+        anchor_unet=anchor,
+        quality_head=iqa_sized_head(args.head_size),
+        noise_scheduler=tiny_scheduler(),
+        vae=sd15_vae(args.scale),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        gradient_checkpointing=args.checkpointing,
+        **knobs,
+    ).to(args.device)
+    if args.checkpointing:
+        module.enable_gradient_checkpointing()
+    return module
+
+
+def draft_k1_loss(module, batch: dict, steps: int) -> torch.Tensor:
+    """DRaFT-K (K=1): sample the whole chain without grad, the last step with grad, score the image."""
+    from acpo_lightning import losses
+    from acpo_lightning.sampling import denoise, fresh_scheduler
+
+    cond = module.encode_prompts(batch["prompts"])
+    size = cond.shape[0]
+    noise = torch.randn(size, 4, module.latent_size, module.latent_size, device=module.device)
+    unet_fn = lambda x, t, c: module.unet_output(module.unet, x, t, c)  # noqa: E731
+    with torch.no_grad():
+        latents, last_t = denoise(
+            unet_fn, module.sample_scheduler, noise, cond, None, 1.0, steps, stop_after=steps - 1
+        )
+    scheduler = fresh_scheduler(module.sample_scheduler)
+    scheduler.set_timesteps(steps, device=module.device)
+    pred = unet_fn(latents, last_t, cond)
+    x0 = losses.predicted_original(
+        latents, pred, module.alphas_cumprod, last_t.expand(size), module.prediction_type
+    )
+    scores = module.quality_head(module.decode(x0))
+    return -losses.normalize_score(scores, True, (0.0, 1.0)).mean()
+
+
+def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    torch.set_num_threads(args.threads)
+    spec = VARIANTS[name]
+    module = build(args, spec)
+    module.train()
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    image = args.latent * module.vae_scale_factor
+    batch = {
+        "pixel_values": torch.rand(
+            args.batch, 3, image, image, generator=torch.Generator().manual_seed(1)
+        )
+        * 2
+        - 1,
+        "prompts": [f"a photo number {i}" for i in range(args.batch)],
+    }
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+    for index in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with autocast:
+            if spec.get("draft"):
+                loss = draft_k1_loss(module, batch, args.chain_steps)
+            else:
+                loss = module.compute_terms(batch, generator)[0].loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base_mem
+        total = torch.cuda.max_memory_allocated()
+    else:
+        total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = total - base_mem
+    queue.put(
+        {
+            "variant": name,
+            "step_s": statistics.median(times),
+            "peak_step_bytes": peak,
+            "peak_total_bytes": total,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="full SD-1.5 widths, 64x64 latents, 224 px head"
+    )
+    parser.add_argument("--scale", type=float, default=0.1, help="width multiplier of the UNet/VAE")
+    parser.add_argument("--latent", type=int, default=16, help="latent side (image side = 8x)")
+    parser.add_argument(
+        "--head-size", type=int, default=112, help="native input side of the IQA head"
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--chain-steps", type=int, default=10, help="sampler steps of the DRaFT-K baseline"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--out", default="outputs/bench")
+    args = parser.parse_args()
+    if args.full:
+        args.scale, args.latent, args.head_size = 1.0, 64, 224
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    context = mp.get_context("spawn")
+    results = []
+    for name in args.variants:
+        queue = context.Queue()
+        process = context.Process(target=run_variant, args=(name, args, queue))
+        process.start()
+        results.append(queue.get())
+        process.join()
+    base = results[0]
+    print(f"{'variant':34s} {'step s':>8s} {'x plain':>8s} {'peak MiB':>9s} {'x plain':>8s}")
+    for row in results:
+        row["time_ratio"] = row["step_s"] / base["step_s"]
+        row["memory_ratio"] = row["peak_total_bytes"] / base["peak_total_bytes"]
+        print(
+            f"{row['variant']:34s} {row['step_s']:8.3f} {row['time_ratio']:8.2f} "
+            f"{row['peak_total_bytes'] / 2**20:9.0f} {row['memory_ratio']:8.2f}"
+        )
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or 'cpu'}, {args.threads} threads"
+    )
+    report = {"machine": machine, "settings": vars(args), "results": results}
+    path = Path(args.out) / "step_cost.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"written to {path} ({machine})")
+
+
+if __name__ == "__main__":
+    main()
