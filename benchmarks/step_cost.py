@@ -31,6 +31,7 @@ VARIANTS = {
     "acpo_separate_anchor_share0.25": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, separate=True
     ),
+    "acpo_rollout_k1": dict(w_anchor=1.0, w_perc=0.1, objective="rollout", rollout_steps=10, k_late=3),
     "draft_k1_chain": dict(draft=True),
 }
 
@@ -134,18 +135,17 @@ def build(args: argparse.Namespace, spec: dict):
 def draft_k1_loss(module, batch: dict, steps: int) -> torch.Tensor:
     """DRaFT-K (K=1): sample the whole chain without grad, the last step with grad, score the image."""
     from acpo_lightning import losses
-    from acpo_lightning.sampling import denoise, fresh_scheduler
+    from acpo_lightning.sampling import denoise
 
     cond = module.encode_prompts(batch["prompts"])
     size = cond.shape[0]
     noise = torch.randn(size, 4, module.latent_size, module.latent_size, device=module.device)
     unet_fn = lambda x, t, c: module.unet_output(module.unet, x, t, c)  # noqa: E731
     with torch.no_grad():
-        latents, last_t = denoise(
+        latents, run = denoise(
             unet_fn, module.sample_scheduler, noise, cond, None, 1.0, steps, stop_after=steps - 1
         )
-    scheduler = fresh_scheduler(module.sample_scheduler)
-    scheduler.set_timesteps(steps, device=module.device)
+    last_t = run.timestep
     pred = unet_fn(latents, last_t, cond)
     x0 = losses.predicted_original(
         latents, pred, module.alphas_cumprod, last_t.expand(size), module.prediction_type

@@ -131,3 +131,17 @@ def test_out_of_range_tau_stops_before_training_with_one_clear_line(
     err = capsys.readouterr().err
     assert "acpo: error: tau=5000" in err and "num_train_timesteps" in err
     assert not (tmp_path / "outputs" / "tiny" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["rollout", "both"])
+def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.max_steps", "3", "--model.objective", objective, "--model.rollout_steps", "4",
+            "--model.k_late", "2", "--model.w_perc", "1.0"]
+    main(["fit", *_config_args("tiny.yaml"), *args])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "outputs" / "tiny").rglob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {"train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout"} <= set(events.Tags()["scalars"])

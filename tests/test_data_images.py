@@ -114,7 +114,11 @@ def _noise_image():
     [
         ("missing.png", lambda path: None, "file not found"),
         ("garbage.png", lambda path: path.write_bytes(b"not an image at all" * 8), "cannot decode"),
-        ("cut.jpg", lambda path: _truncate(_noise_image().save(path, quality=95) or path), "truncated"),
+        (
+            "cut.jpg",
+            lambda path: _truncate(_noise_image().save(path, quality=95) or path),
+            "truncated",
+        ),
         ("cut.png", lambda path: _truncate(_noise_image().save(path) or path), "truncated"),
         ("empty.png", lambda path: path.write_bytes(b""), "cannot decode"),
     ],

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from acpo_lightning import losses
 from acpo_lightning.models.lora import adapters_disabled, has_lora, load_lora, save_lora
 from acpo_lightning.quality.base import check_quality_head
+from acpo_lightning.rollout import check_rollout_settings, rollout_terms
 from acpo_lightning.sampling import denoise, initial_noise, per_sample_generators
 
 # Frozen parts are in eval mode on purpose (see ACPOModule.train); Lightning's notice is noise here.
@@ -66,6 +67,17 @@ class ACPOModule(pl.LightningModule):
         num_inference_steps: default sampler steps of ``generate``.
         guidance_scale: default CFG scale of ``generate``.
         seed: base seed; each step's randomness is a function of (seed, step, batch, rank).
+        objective: where the perceptual signal comes from: ``data`` (x0 estimates of noised real
+            images), ``rollout`` (the policy's own samples, see ``acpo_lightning.rollout``) or
+            ``both`` (each step is a rollout step with probability ``rollout_ratio``). The diffusion
+            loss on the real pairs (``w_diff``) and their anchor penalty apply in every mode.
+        rollout_ratio: share of steps that are rollout steps in ``both`` mode.
+        rollout_steps: sampler steps of a rollout (the sample scheduler, DDIM by default).
+        k_late: the scored step is drawn among the last ``k_late`` sampler steps.
+        draft_k: number of final sampler steps taken with gradient (1 = ReFL-like; more = DRaFT-K).
+        rollout_batch_size: prompts per rollout (default: all prompts of the batch). Prompts come
+            from the batch's ``rollout_prompts`` if present, else its ``prompts``.
+        rollout_guidance_scale: CFG scale of rollouts (default: ``guidance_scale``).
 
     Example:
         >>> from acpo_lightning import testing as T
@@ -106,6 +118,13 @@ class ACPOModule(pl.LightningModule):
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         seed: int = 0,
+        objective: Literal["data", "rollout", "both"] = "data",
+        rollout_ratio: float = 0.5,
+        rollout_steps: int = 25,
+        k_late: int = 5,
+        draft_k: int = 1,
+        rollout_batch_size: int | None = None,
+        rollout_guidance_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -130,6 +149,8 @@ class ACPOModule(pl.LightningModule):
         self.prediction_type = losses.check_prediction_type(noise_scheduler.config.prediction_type)
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
         self._validate_knobs()
+        if objective != "data":
+            check_rollout_settings(rollout_steps, k_late, draft_k, self.sample_scheduler)
         self.is_conditional = unet.config.get("cross_attention_dim") is not None
         self._validate_parts()
         for frozen in self.frozen_modules():
@@ -167,6 +188,10 @@ class ACPOModule(pl.LightningModule):
             raise ValueError(
                 f"loss weights must be >= 0, got w_diff={hp.w_diff}, w_anchor={hp.w_anchor}, w_perc={hp.w_perc}."
             )
+        if hp.objective not in ("data", "rollout", "both"):
+            raise ValueError(f"objective={hp.objective!r} must be 'data', 'rollout' or 'both'.")
+        if not 0.0 <= hp.rollout_ratio <= 1.0:
+            raise ValueError(f"rollout_ratio={hp.rollout_ratio} must be in [0, 1] (share of rollout steps).")
         if hp.anchor_mode == "constraint" and hp.anchor_delta <= 0:
             raise ValueError(
                 f"anchor_delta={hp.anchor_delta} must be > 0 in constraint mode (allowed mean drift)."
@@ -314,9 +339,12 @@ class ACPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the objective
     def compute_terms(
-        self, batch: dict, generator: torch.Generator
+        self, batch: dict, generator: torch.Generator, score: bool = True
     ) -> tuple[losses.ACPOTerms, dict[str, float]]:
-        """Run one data-driven ACPO step on ``batch`` and return its terms and host-side stats."""
+        """Run one data-driven ACPO step on ``batch`` and return its terms and host-side stats.
+
+        With ``score=False`` no sample is decoded or scored (the perceptual term comes from a rollout).
+        """
         hp = self.hparams
         x0 = self.encode_images(batch["pixel_values"].to(self.device), generator)
         size = x0.shape[0]
@@ -337,7 +365,7 @@ class ACPOModule(pl.LightningModule):
             anchor = losses.anchor_penalty(pred, self.anchor_output(noisy, timesteps, cond))
         else:
             anchor = torch.zeros_like(diff)
-        n_scored = n_perc if hp.w_perc > 0 else 0
+        n_scored = n_perc if hp.w_perc > 0 and score else 0
         scores, gate = self._perceptual_scores(noisy, pred, timesteps, prompts, n_scored)
         # a copy: constraint mode updates the weight in place before backward runs
         w_anchor = self.w_anchor.detach().clone()
@@ -434,16 +462,68 @@ class ACPOModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator("train", self.global_step, batch_idx)
-        terms, stats = self.compute_terms(batch, generator)
+        use_rollout = self._is_rollout_step(generator)
+        if "pixel_values" in batch:
+            terms, stats = self.compute_terms(batch, generator, score=not use_rollout)
+        elif use_rollout:
+            zero = self.w_anchor.new_zeros(())
+            terms, stats = losses.ACPOTerms(zero, zero, zero, zero, zero.new_tensor(float("nan"))), {}
+        else:
+            raise ValueError(
+                "objective='data' needs image/prompt pairs, but the batch has no 'pixel_values'; use a "
+                "paired DataModule or objective: rollout for prompt-only data."
+            )
+        stats = {"perc_share": stats.get("perc_share", 0.0)}
+        if use_rollout:
+            terms = self._add_rollout(batch, generator, terms, stats)
         if self.hparams.anchor_mode == "constraint":
             self._update_anchor_weight(terms.anchor)
-        self._log_terms("train", terms, stats, len(batch["pixel_values"]))
+        size = len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["prompts"])
+        self._log_terms("train", terms, stats, size)
         return terms.loss
 
+    def _is_rollout_step(self, generator: torch.Generator) -> bool:
+        objective = self.hparams.objective
+        if objective == "both":  # drawn from the step's generator: resumes replay the same choice
+            return bool(torch.rand((), generator=generator, device=generator.device) < self.hparams.rollout_ratio)
+        return objective == "rollout"
+
+    def _add_rollout(
+        self, batch: dict, generator: torch.Generator, terms: losses.ACPOTerms, stats: dict
+    ) -> losses.ACPOTerms:
+        """Add a rollout's anchor and perceptual terms to the data terms; log its parts separately."""
+        prompts = batch.get("rollout_prompts", batch.get("prompts"))
+        count = len(prompts) if prompts is not None else len(batch["pixel_values"])
+        count = min(count, self.hparams.rollout_batch_size or count)
+        roll = rollout_terms(self, list(prompts[:count]) if self.is_conditional else None, count, generator)
+        w_anchor = self.w_anchor.detach().clone()
+        loss = terms.loss + w_anchor * roll.anchor + self.hparams.w_perc * roll.perc
+        self.log_dict(
+            {"train/rollout_t": roll.timestep, "train/rollout_iqa": roll.iqa,
+             "train/loss_anchor_rollout": roll.anchor.detach(), "train/loss_anchor_data": terms.anchor.detach()},
+            on_step=True, batch_size=count,
+        )
+        stats["perc_share"] = 1.0
+        return losses.ACPOTerms(loss, terms.diff, terms.anchor + roll.anchor, roll.perc, roll.iqa)
+
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
-        terms, stats = self.compute_terms(batch, self.step_generator(stage, 0, batch_idx))
+        generator = self.step_generator(stage, 0, batch_idx)
+        if "pixel_values" not in batch:  # prompt-only evaluation data: score the policy's own samples
+            return self._evaluate_rollout(stage, batch, generator)
+        terms, stats = self.compute_terms(batch, generator)
         self._log_terms(stage, terms, stats, len(batch["pixel_values"]))
         return terms.loss
+
+    def _evaluate_rollout(self, stage: str, batch: dict, generator: torch.Generator) -> Tensor:
+        hp = self.hparams
+        check_rollout_settings(hp.rollout_steps, hp.k_late, hp.draft_k, self.sample_scheduler)
+        prompts = list(batch["prompts"])
+        roll = rollout_terms(self, prompts if self.is_conditional else None, len(prompts), generator)
+        loss = self.w_anchor * roll.anchor + hp.w_perc * roll.perc
+        values = {f"{stage}/rollout_iqa": roll.iqa, f"{stage}/loss_anchor_rollout": roll.anchor,
+                  f"{stage}/rollout_loss": loss}
+        self.log_dict(values, on_epoch=True, batch_size=len(prompts), sync_dist=True)
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._evaluation_step("val", batch, batch_idx)

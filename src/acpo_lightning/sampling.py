@@ -57,6 +57,62 @@ def guided_prediction(
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
+class SamplerRun:
+    """A sampler in progress: a private scheduler copy, its timesteps, and the index of the next step.
+
+    Args:
+        scheduler: a diffusers scheduler; it is copied, never mutated.
+        num_inference_steps: number of sampler steps.
+        device: where the timesteps live.
+        generator: randomness of stochastic samplers (DDPM, ancestral); DDIM with eta 0 ignores it.
+
+    Example:
+        >>> from diffusers import DDIMScheduler
+        >>> run = SamplerRun(DDIMScheduler(), 4, "cpu")
+        >>> run.timesteps.tolist()
+        [750, 500, 250, 0]
+    """
+
+    def __init__(
+        self, scheduler, num_inference_steps: int, device, generator: torch.Generator | None = None
+    ) -> None:  # type: ignore[no-untyped-def]
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.scheduler = fresh_scheduler(scheduler)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        self.index = 0
+        self.step_kwargs = {}
+        if generator is not None and "generator" in inspect.signature(self.scheduler.step).parameters:
+            self.step_kwargs["generator"] = generator
+
+    @property
+    def timestep(self) -> Tensor:
+        """The timestep the next :meth:`step` uses."""
+        return self.timesteps[self.index]
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    def start(self, noise: Tensor) -> Tensor:
+        """Scale initial noise by the scheduler's ``init_noise_sigma``."""
+        return noise * self.scheduler.init_noise_sigma
+
+    def predict(
+        self, unet_fn: UNetFn, latents: Tensor, cond: Tensor | None, uncond: Tensor | None, guidance_scale: float
+    ) -> Tensor:
+        """The (guided) model output at the current step, without stepping."""
+        model_input = self.scheduler.scale_model_input(latents, self.timestep)
+        return guided_prediction(unet_fn, model_input, self.timestep, cond, uncond, guidance_scale)
+
+    def advance(self, pred: Tensor, latents: Tensor) -> Tensor:
+        """Take the current step with a given model output; returns the next latents."""
+        latents = self.scheduler.step(pred, self.timestep, latents, **self.step_kwargs, return_dict=False)[0]
+        self.index += 1
+        return latents
+
+
 def denoise(
     unet_fn: UNetFn,
     scheduler,  # type: ignore[no-untyped-def]
@@ -67,7 +123,7 @@ def denoise(
     num_inference_steps: int,
     generator: torch.Generator | None = None,
     stop_after: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, SamplerRun]:
     """Run the sampler from pure noise; optionally stop early.
 
     Args:
@@ -78,24 +134,15 @@ def denoise(
         uncond: empty-prompt embeddings for classifier-free guidance, or ``None``.
         guidance_scale: CFG scale ``g``; guidance is skipped for ``g <= 1``.
         num_inference_steps: number of sampler steps.
-        generator: randomness of stochastic samplers (DDPM, ancestral); DDIM with eta 0 ignores it.
+        generator: randomness of stochastic samplers.
         stop_after: if given, return after this many steps, before the next one is taken.
 
     Returns:
-        ``(latents, next_timestep)``: the final latents, and the timestep the sampler would have
-        used next (``None`` when the loop ran to the end).
+        ``(latents, run)``: the latents reached, and the :class:`SamplerRun` (its ``timestep`` is the
+        one the sampler would use next, so the caller can continue it).
     """
-    scheduler = fresh_scheduler(scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    latents = latents * scheduler.init_noise_sigma
-    step_kwargs = {}
-    if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
-        step_kwargs["generator"] = generator
-    timesteps = scheduler.timesteps
-    for index, timestep in enumerate(timesteps):
-        if stop_after is not None and index == stop_after:
-            return latents, timestep
-        model_input = scheduler.scale_model_input(latents, timestep)
-        pred = guided_prediction(unet_fn, model_input, timestep, cond, uncond, guidance_scale)
-        latents = scheduler.step(pred, timestep, latents, **step_kwargs, return_dict=False)[0]
-    return latents, None
+    run = SamplerRun(scheduler, num_inference_steps, latents.device, generator)
+    latents = run.start(latents)
+    while not run.done and (stop_after is None or run.index < stop_after):
+        latents = run.advance(run.predict(unet_fn, latents, cond, uncond, guidance_scale), latents)
+    return latents, run

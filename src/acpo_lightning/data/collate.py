@@ -43,7 +43,9 @@ def tokenizer_max_length(tokenizer: Any, max_length: int | None = None) -> int:
     return limit
 
 
-def tokenize_prompts(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
+def tokenize_prompts(
+    tokenizer: Any, prompts: list[str], max_length: int | None = None
+) -> dict[str, Tensor]:
     """Tokenize ``prompts`` padded and truncated to :func:`tokenizer_max_length`.
 
     Args:

@@ -70,7 +70,9 @@ class PromptImageDataModule(pl.LightningDataModule):
         path: the folder, manifest, dataset (folder or hub name) or prompts file.
         image_column: column of images; default ``file_name`` for ``imagefolder`` metadata,
             ``image`` for ``manifest`` and ``hf``.
-        caption_column: column of prompts (also of a tabular ``prompts`` file).
+        caption_column: column of prompts (also of a tabular ``prompts`` file); ``None`` for
+            unconditional images (an ``imagefolder`` without captions, e.g. LSUN church): every
+            prompt is then ``""`` and no caption is read or checked.
         split: split of a ``hf`` dataset.
         val_fraction: share of the source's rows held out for validation, in ``[0, 1)``.
         val_prompts_path: prompts file for validation/prediction (then ``val_fraction`` must be 0).
@@ -107,7 +109,7 @@ class PromptImageDataModule(pl.LightningDataModule):
         source: Source,
         path: str,
         image_column: str | None = None,
-        caption_column: str = "text",
+        caption_column: str | None = "text",
         split: str = "train",
         val_fraction: float = 0.0,
         val_prompts_path: str | None = None,
@@ -130,7 +132,9 @@ class PromptImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
-        _check_choices(source, on_bad_sample, val_fraction, val_prompts_path, batch_size, num_workers)
+        _check_choices(
+            source, on_bad_sample, val_fraction, val_prompts_path, batch_size, num_workers
+        )
         self.source, self.path, self.split = source, str(path), split
         self.image_column = image_column or DEFAULT_IMAGE_COLUMN.get(source, "image")
         self.caption_column, self.val_fraction, self.seed = caption_column, val_fraction, seed
@@ -139,7 +143,9 @@ class PromptImageDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        options = dict(resize=resize, upscale=upscale, normalize=normalize, interpolation=interpolation)
+        options = dict(
+            resize=resize, upscale=upscale, normalize=normalize, interpolation=interpolation
+        )
         self.train_transform = ImageTransform(
             resolution, center_crop=center_crop, random_flip=random_flip, augment=True, **options
         )
@@ -198,7 +204,9 @@ class PromptImageDataModule(pl.LightningDataModule):
         self.predict_dataset = PromptImageDataset(self.table, sorted(kept), transform=None)
         if self.val_prompts is not None:
             prompt_rows = sorted(self._scan(self.val_prompts, None))
-            self._check_not_empty(prompt_rows, "validation prompts", len(self.val_prompts), self.val_prompts)
+            self._check_not_empty(
+                prompt_rows, "validation prompts", len(self.val_prompts), self.val_prompts
+            )
             self.val_dataset = PromptImageDataset(self.val_prompts, prompt_rows, transform=None)
             self.predict_dataset = self.val_dataset
         elif self.val_fraction > 0:
@@ -221,7 +229,9 @@ class PromptImageDataModule(pl.LightningDataModule):
             )
         return set(kept)
 
-    def _check_not_empty(self, rows: list[int], what: str, total: int, table: RecordTable | None = None) -> None:
+    def _check_not_empty(
+        self, rows: list[int], what: str, total: int, table: RecordTable | None = None
+    ) -> None:
         if rows:
             return
         origin = (table or self.table).origin
@@ -233,17 +243,22 @@ class PromptImageDataModule(pl.LightningDataModule):
         )
 
     def _report(self) -> None:
-        sizes = f"{len(self.train_dataset)} training"
-        if self.val_dataset is not None:
-            sizes += f", {len(self.val_dataset)} validation"
         kind = "pairs" if self.table.has_images else "prompts"
-        rank_zero_info(f"PromptImageDataModule: {sizes} {kind} from {self.table.origin}, "
-                       f"{self.num_skipped} rows skipped")
+        message = f"PromptImageDataModule: {len(self.train_dataset)} training {kind}"
+        if self.val_prompts is not None:
+            message += (
+                f", {len(self.val_dataset)} validation prompts from {self.val_prompts.origin}"
+            )
+        elif self.val_dataset is not None:
+            message += f", {len(self.val_dataset)} validation {kind}"
+        rank_zero_info(f"{message}; source {self.table.origin}; {self.num_skipped} rows skipped")
 
     def _loader(self, dataset: PromptImageDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
-            raise RuntimeError("PromptImageDataModule: call setup() before asking for loaders "
-                               "(the Trainer does it for you)")
+            raise RuntimeError(
+                "PromptImageDataModule: call setup() before asking for loaders "
+                "(the Trainer does it for you)"
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -277,8 +292,12 @@ class PromptImageDataModule(pl.LightningDataModule):
 
 
 def _check_choices(
-    source: str, on_bad_sample: str, val_fraction: float, val_prompts_path: str | None,
-    batch_size: int, num_workers: int,
+    source: str,
+    on_bad_sample: str,
+    val_fraction: float,
+    val_prompts_path: str | None,
+    batch_size: int,
+    num_workers: int,
 ) -> None:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -292,7 +311,9 @@ def _check_choices(
             "for validation, not both: the validation loader is one or the other"
         )
     if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        raise ValueError(
+            f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+        )
 
 
 def _reason_kind(reason: str) -> str:

@@ -15,7 +15,7 @@ from acpo_lightning.data.images import (
     load_image,
     open_image,
 )
-from acpo_lightning.data.sources import RecordTable, check_prompt
+from acpo_lightning.data.sources import RecordTable
 from acpo_lightning.data.transforms import ImageTransform
 
 
@@ -39,7 +39,9 @@ class PromptImageDataset(Dataset):
         {'prompt': 'a dog'}
     """
 
-    def __init__(self, table: RecordTable, indices: Sequence[int], transform: ImageTransform | None) -> None:
+    def __init__(
+        self, table: RecordTable, indices: Sequence[int], transform: ImageTransform | None
+    ) -> None:
         self.table, self.indices, self.transform = table, list(indices), transform
 
     def __len__(self) -> int:
@@ -49,10 +51,12 @@ class PromptImageDataset(Dataset):
         row = self.indices[index]
         ref = self.table.images[row] if self.table.images is not None else None
         try:
-            prompt = check_prompt(self.table.prompts[row])
+            prompt = self.table.prompt(row)
         except ValueError as error:
             path = describe_ref(ref) if self.table.images is not None else None
-            raise BadSampleError.for_problems(self.table.origin, [SampleProblem(row, path, str(error))]) from None
+            raise BadSampleError.for_problems(
+                self.table.origin, [SampleProblem(row, path, str(error))]
+            ) from None
         if self.transform is None or self.table.images is None:
             return {"prompt": prompt}
         image = load_image(ref, self.table.origin, row)
@@ -64,7 +68,9 @@ class PromptImageDataset(Dataset):
         return {"prompt": prompt, "pixel_values": pixel_values}
 
 
-def check_row(table: RecordTable, row: int, transform: ImageTransform | None) -> SampleProblem | None:
+def check_row(
+    table: RecordTable, row: int, transform: ImageTransform | None
+) -> SampleProblem | None:
     """What is wrong with ``row`` of ``table``, or ``None`` if it is usable.
 
     Checks the caption, then (for pairs, when ``transform`` is given) decodes the image fully
@@ -81,7 +87,7 @@ def check_row(table: RecordTable, row: int, transform: ImageTransform | None) ->
     ref = table.images[row] if table.images is not None else None
     path = describe_ref(ref) if table.images is not None else None
     try:
-        check_prompt(table.prompts[row])
+        table.prompt(row)
         if transform is None or table.images is None:
             return None
         reason = transform.problem(open_image(ref))

@@ -50,16 +50,19 @@ class RecordTable:
         origin: the source in words, used in every message (``"manifest /data/train.csv"``).
         prompts: one raw caption per row (not yet checked: may be empty, ``None``, a number...).
         images: one image reference per row, or ``None`` for a prompt-only source.
+        captioned: ``False`` for unconditional data (no caption column): every prompt is ``""``
+            and none is checked.
 
     Example:
-        >>> table = RecordTable("prompts list", ["a cat", "a dog"], None)
-        >>> len(table), table.has_images
-        (2, False)
+        >>> table = RecordTable("prompts list", ["a cat", " a dog "], None)
+        >>> len(table), table.has_images, table.prompt(1)
+        (2, False, 'a dog')
     """
 
     origin: str
     prompts: Sequence[Any]
     images: Sequence[ImageRef | None] | None
+    captioned: bool = True
 
     def __post_init__(self) -> None:
         if len(self.prompts) == 0:
@@ -77,6 +80,14 @@ class RecordTable:
         """Whether rows are prompt/image pairs (else prompts only)."""
         return self.images is not None
 
+    def prompt(self, row: int) -> str:
+        """The checked caption of ``row`` (``""`` for uncaptioned tables).
+
+        Raises:
+            ValueError: the caption is unusable (see :func:`check_prompt`).
+        """
+        return check_prompt(self.prompts[row]) if self.captioned else ""
+
 
 def check_prompt(value: Any) -> str:
     """Return ``value`` stripped if it is a usable caption.
@@ -93,7 +104,9 @@ def check_prompt(value: Any) -> str:
     if isinstance(value, MissingCaption):
         raise ValueError(value.reason)
     if not isinstance(value, str):
-        raise ValueError(f"caption must be a non-empty string, got {type(value).__name__} {value!r}")
+        raise ValueError(
+            f"caption must be a non-empty string, got {type(value).__name__} {value!r}"
+        )
     if not value.strip():
         raise ValueError(f"caption is empty ({value!r})")
     return value.strip()
@@ -128,8 +141,10 @@ def read_table(path: str | Path, columns: Sequence[str]) -> dict[str, list[Any]]
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"table {path} does not exist; check the path (relative paths are "
-                                f"relative to the working directory {Path.cwd()})")
+        raise FileNotFoundError(
+            f"table {path} does not exist; check the path (relative paths are "
+            f"relative to the working directory {Path.cwd()})"
+        )
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{path}: unknown table format {suffix!r}; use one of {TABLE_SUFFIXES}")
@@ -139,19 +154,16 @@ def read_table(path: str | Path, columns: Sequence[str]) -> dict[str, list[Any]]
         names, rows = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
     else:
         names, rows = _read_json_rows(path, lines=suffix == ".jsonl")
+    if not rows:
+        header = f" (only a header: {sorted(names)})" if names else ""
+        raise ValueError(f"{path} has zero rows{header}; give a file with at least one row")
     missing = [column for column in columns if column not in names]
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {missing}; its columns are {sorted(names)}. Set the "
             "column arguments (`image_column`, `caption_column`) to the names the file uses."
         )
-    if isinstance(rows, dict):
-        table = rows
-    else:
-        table = {column: [row.get(column) for row in rows] for column in columns}
-    if not table[columns[0]]:
-        raise ValueError(f"{path} has a header but zero rows; give a file with at least one row")
-    return table
+    return {column: [row.get(column) for row in rows] for column in columns}
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
@@ -182,12 +194,11 @@ def _parse_json(text: str, where: str) -> Any:
         raise ValueError(f"{where} is not valid JSON ({error}); fix or remove it") from None
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> tuple[list[str], dict[str, list]]:
+def _read_parquet(path: Path, columns: Sequence[str]) -> tuple[list[str], list[dict]]:
     parquet = import_optional("pyarrow.parquet", f"reading the Parquet file {path}")
     names = list(parquet.read_schema(path).names)
-    if not set(columns) <= set(names):
-        return names, {}
-    return names, parquet.read_table(path, columns=list(columns)).to_pydict()
+    present = [column for column in columns if column in names]
+    return names, parquet.read_table(path, columns=present).to_pylist()
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -197,14 +208,16 @@ def _resolve(value: Any, base: Path) -> Any:
     return value
 
 
-def read_manifest(path: str | Path, image_column: str = "image", caption_column: str = "text") -> RecordTable:
+def read_manifest(
+    path: str | Path, image_column: str = "image", caption_column: str | None = "text"
+) -> RecordTable:
     """Read a manifest of image paths (relative to the manifest's folder) and prompts.
 
     Args:
         path: a ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.parquet`` file.
         image_column: the column of image paths (Parquet may also hold Hugging Face image
             structs ``{"bytes", "path"}`` or raw encoded bytes).
-        caption_column: the column of prompts.
+        caption_column: the column of prompts; ``None`` for unconditional images (prompts ``""``).
 
     Returns:
         The rows, images as absolute paths (or bytes).
@@ -217,23 +230,38 @@ def read_manifest(path: str | Path, image_column: str = "image", caption_column:
         >>> table = read_manifest("train.csv", image_column="file", caption_column="prompt")  # doctest: +SKIP
     """
     path = Path(path).expanduser().resolve()
-    table = read_table(path, [image_column, caption_column])
+    table = read_table(path, _columns(image_column, caption_column))
     images = [_resolve(value, path.parent) for value in table[image_column]]
-    return RecordTable(f"manifest {path}", table[caption_column], images)
+    return _pairs(f"manifest {path}", table, images, caption_column)
 
 
-def read_imagefolder(folder: str | Path, image_column: str = "file_name", caption_column: str = "text") -> RecordTable:
+def _columns(image_column: str, caption_column: str | None) -> list[str]:
+    return [image_column] if caption_column is None else [image_column, caption_column]
+
+
+def _pairs(
+    origin: str, table: dict[str, list], images: Sequence, caption_column: str | None
+) -> RecordTable:
+    if caption_column is None:
+        return RecordTable(origin, [""] * len(images), images, captioned=False)
+    return RecordTable(origin, table[caption_column], images)
+
+
+def read_imagefolder(
+    folder: str | Path, image_column: str = "file_name", caption_column: str | None = "text"
+) -> RecordTable:
     """Read an image folder: ``metadata.jsonl``/``.csv``/``.parquet`` if present, else ``.txt`` captions.
 
     With a metadata file, ``image_column`` holds file names relative to the folder (Hugging
     Face ``imagefolder`` and diffusers' scripts use ``file_name`` and ``text``). Without one,
     every image under the folder (recursively, sorted by path) is a row and its caption is
-    the sibling file with the same stem and ``.txt`` suffix.
+    the sibling file with the same stem and ``.txt`` suffix. With ``caption_column=None`` the
+    images are unconditional: no caption is read and every prompt is ``""``.
 
     Args:
         folder: the image folder.
         image_column: the metadata column of file names.
-        caption_column: the metadata column of prompts.
+        caption_column: the metadata column of prompts, or ``None`` for no captions.
 
     Returns:
         The rows.
@@ -247,31 +275,41 @@ def read_imagefolder(folder: str | Path, image_column: str = "file_name", captio
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
     metadata = [folder / name for name in METADATA_NAMES if (folder / name).is_file()]
     if len(metadata) > 1:
-        raise ValueError(f"{folder} has several metadata files {[m.name for m in metadata]}; keep one")
+        raise ValueError(
+            f"{folder} has several metadata files {[m.name for m in metadata]}; keep one"
+        )
     if metadata:
-        table = read_table(metadata[0], [image_column, caption_column])
+        table = read_table(metadata[0], _columns(image_column, caption_column))
         images = [_resolve(value, folder) for value in table[image_column]]
-        return RecordTable(f"imagefolder {metadata[0]}", table[caption_column], images)
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return _pairs(f"imagefolder {metadata[0]}", table, images, caption_column)
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not paths:
         raise ValueError(
             f"image folder {folder} has no {'/'.join(METADATA_NAMES)} and no images "
             f"({', '.join(IMAGE_SUFFIXES)}); put images with captions there"
         )
-    return RecordTable(f"imagefolder {folder} (.txt captions)", [_read_caption(p) for p in paths], paths)
+    if caption_column is None:
+        return _pairs(f"imagefolder {folder}", {}, paths, None)
+    return RecordTable(
+        f"imagefolder {folder} (.txt captions)", [_read_caption(p) for p in paths], paths
+    )
 
 
 def _read_caption(image_path: Path) -> str | MissingCaption:
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
-        return MissingCaption(f"no caption: no metadata.jsonl in the folder and no {caption_path.name}")
+        return MissingCaption(
+            f"no caption: no metadata.jsonl in the folder and no {caption_path.name}"
+        )
     try:
         return caption_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         return MissingCaption(f"cannot read caption file {caption_path} ({error})")
 
 
-def read_prompts(path: str | Path, column: str = "text") -> RecordTable:
+def read_prompts(path: str | Path, column: str | None = "text") -> RecordTable:
     """Read prompts alone: a ``.txt`` file (one a line; blank lines are not prompts) or a table column.
 
     Args:
@@ -283,9 +321,13 @@ def read_prompts(path: str | Path, column: str = "text") -> RecordTable:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: no prompts, or a bad table.
+        ValueError: no prompts, a bad table, or no ``column`` for a table.
     """
     path = Path(path).expanduser().resolve()
+    if path.suffix.lower() != ".txt" and column is None:
+        raise ValueError(
+            f"prompts file {path} is a table: name its prompt column (`val_prompts_column` or `caption_column`)"
+        )
     if path.suffix.lower() != ".txt":
         return RecordTable(f"prompts file {path}", read_table(path, [column])[column], None)
     if not path.is_file():
@@ -325,23 +367,32 @@ def load_hf_dataset(path: str, split: str = "train") -> Any:
             ) from error
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"Hugging Face dataset {path!r} has no split {split!r}; "
-                             f"its splits are {sorted(loaded)}. Set `split`.")
+            raise ValueError(
+                f"Hugging Face dataset {path!r} has no split {split!r}; "
+                f"its splits are {sorted(loaded)}. Set `split`."
+            )
         loaded = loaded[split]
     if not isinstance(loaded, datasets.Dataset):
-        raise ValueError(f"Hugging Face dataset {path!r} loaded as {type(loaded).__name__}; "
-                         "only map-style datasets are supported (don't stream)")
+        raise ValueError(
+            f"Hugging Face dataset {path!r} loaded as {type(loaded).__name__}; "
+            "only map-style datasets are supported (don't stream)"
+        )
     return loaded
 
 
-def read_hf(path: str, image_column: str = "image", caption_column: str = "text", split: str = "train") -> RecordTable:
+def read_hf(
+    path: str,
+    image_column: str = "image",
+    caption_column: str | None = "text",
+    split: str = "train",
+) -> RecordTable:
     """Read a Hugging Face dataset's image and caption columns (images stay encoded until used).
 
     Args:
         path: see :func:`load_hf_dataset`.
         image_column: an ``Image`` feature column, or a column of file paths (relative to
             ``path`` when it is a local folder).
-        caption_column: the prompt column.
+        caption_column: the prompt column, or ``None`` for unconditional images.
         split: the split to use.
 
     Returns:
@@ -352,14 +403,20 @@ def read_hf(path: str, image_column: str = "image", caption_column: str = "text"
     """
     dataset = load_hf_dataset(path, split)
     origin = f"Hugging Face dataset {path} (split {split})"
-    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+    missing = [c for c in _columns(image_column, caption_column) if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{origin}: missing column(s) {missing}; its columns are "
-                         f"{dataset.column_names}. Set `image_column` / `caption_column`.")
+        raise ValueError(
+            f"{origin}: missing column(s) {missing}; its columns are "
+            f"{dataset.column_names}. Set `image_column` / `caption_column`."
+        )
     if len(dataset) == 0:
         raise ValueError(f"{origin} has zero rows")
-    prompts = list(dataset.select_columns([caption_column])[caption_column])
-    return RecordTable(origin, prompts, HFImageColumn(dataset, image_column, Path(path).expanduser()))
+    images = HFImageColumn(dataset, image_column, Path(path).expanduser())
+    if caption_column is None:
+        return _pairs(origin, {}, images, None)
+    return RecordTable(
+        origin, list(dataset.select_columns([caption_column])[caption_column]), images
+    )
 
 
 class HFImageColumn(Sequence):

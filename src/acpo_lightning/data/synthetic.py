@@ -23,7 +23,9 @@ COLORS = {
 SHAPES = ("square", "circle", "stripe")
 
 
-def draw_shape(shape: str, color: tuple[float, float, float], size: int, generator: torch.Generator) -> Tensor:
+def draw_shape(
+    shape: str, color: tuple[float, float, float], size: int, generator: torch.Generator
+) -> Tensor:
     """Draw one ``shape`` of ``color`` on a dark noisy background; returns ``[3, size, size]`` in [0, 1]."""
     image = 0.15 + 0.05 * torch.rand(3, size, size, generator=generator)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")

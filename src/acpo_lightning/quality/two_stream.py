@@ -40,7 +40,10 @@ def _conv_stream(in_channels: int, channels: Sequence[int]) -> nn.Sequential:
     """
     layers: list[nn.Module] = []
     for i, width in enumerate(channels):
-        layers += [nn.Conv2d(in_channels, width, 3, stride=1 if i == 0 else 2, padding=1), nn.SiLU()]
+        layers += [
+            nn.Conv2d(in_channels, width, 3, stride=1 if i == 0 else 2, padding=1),
+            nn.SiLU(),
+        ]
         in_channels = width
     return nn.Sequential(*layers)
 
@@ -78,7 +81,11 @@ class TwoStreamNet(nn.Module):
                 f"TwoStreamNet needs positive channels, hidden >= 1 and native_size >= 4; got "
                 f"channels={tuple(channels)}, hidden={hidden}, native_size={native_size}."
             )
-        self.channels, self.hidden, self.native_size = tuple(int(c) for c in channels), hidden, native_size
+        self.channels, self.hidden, self.native_size = (
+            tuple(int(c) for c in channels),
+            hidden,
+            native_size,
+        )
         self.image_stream = _conv_stream(3, self.channels)
         self.gradient_stream = _conv_stream(3, self.channels)
         self.fusion = nn.Sequential(
@@ -91,7 +98,11 @@ class TwoStreamNet(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments, as stored in ``config.json``."""
-        return {"channels": list(self.channels), "hidden": self.hidden, "native_size": self.native_size}
+        return {
+            "channels": list(self.channels),
+            "hidden": self.hidden,
+            "native_size": self.native_size,
+        }
 
     def gradient_maps(self, images: Tensor) -> Tensor:
         """Sobel ``gx``, ``gy`` and magnitude of the luminance, ``[B, 3, H, W]``."""
@@ -104,7 +115,10 @@ class TwoStreamNet(nn.Module):
         """Unbounded quality logits ``[B]``; :meth:`forward` is their sigmoid."""
         if images.shape[-2:] != (self.native_size, self.native_size):
             images = F.interpolate(
-                images, size=(self.native_size, self.native_size), mode="bilinear", align_corners=False
+                images,
+                size=(self.native_size, self.native_size),
+                mode="bilinear",
+                align_corners=False,
             )
         image_features = _mean_std_pool(self.image_stream(images * 2.0 - 1.0))
         gradient_features = _mean_std_pool(self.gradient_stream(self.gradient_maps(images)))
@@ -128,8 +142,12 @@ class TwoStreamNet(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {"architecture": "TwoStreamIQA", "format_version": FORMAT_VERSION, **self.config,
-                  "metadata": dict(metadata or {})}
+        config = {
+            "architecture": "TwoStreamIQA",
+            "format_version": FORMAT_VERSION,
+            **self.config,
+            "metadata": dict(metadata or {}),
+        }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
@@ -149,11 +167,15 @@ class TwoStreamNet(nn.Module):
         """
         folder = export_folder(path)
         config = read_config(folder)
-        net = cls(channels=config["channels"], hidden=config["hidden"], native_size=config["native_size"])
+        net = cls(
+            channels=config["channels"], hidden=config["hidden"], native_size=config["native_size"]
+        )
         try:
             net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {err}") from err
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {err}"
+            ) from err
         return net
 
 
@@ -178,7 +200,10 @@ def read_config(folder: str | Path) -> dict[str, Any]:
                 f"{WEIGHTS_NAME}, written by TwoStreamNet.save_pretrained or IQATrainingModule.export."
             )
     config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("architecture") != "TwoStreamIQA" or config.get("format_version") != FORMAT_VERSION:
+    if (
+        config.get("architecture") != "TwoStreamIQA"
+        or config.get("format_version") != FORMAT_VERSION
+    ):
         raise ValueError(
             f"{folder / CONFIG_NAME} describes architecture={config.get('architecture')!r} "
             f"format_version={config.get('format_version')!r}; expected 'TwoStreamIQA' version "
@@ -207,7 +232,9 @@ class TwoStreamIQA(QualityHead):
     higher_is_better = True
     score_range = (0.0, 1.0)
 
-    def __init__(self, pretrained_path: str | Path | None = None, net: TwoStreamNet | None = None) -> None:
+    def __init__(
+        self, pretrained_path: str | Path | None = None, net: TwoStreamNet | None = None
+    ) -> None:
         super().__init__()
         if pretrained_path is not None and net is not None:
             raise ValueError("pass either pretrained_path or net to TwoStreamIQA, not both.")

