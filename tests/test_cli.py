@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from acpo_lightning.cli import main
+from acpo_lightning.cli import build_cli, main
 from conftest import CONFIGS
 
 #: Standalone configs, and each overlay with the config it is layered on.
@@ -145,3 +145,47 @@ def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypat
     events = EventAccumulator(str(next((tmp_path / "outputs" / "tiny").rglob("events.out.tfevents.*"))))
     events.Reload()
     assert {"train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch) -> None:
+    """acpo.yaml as shipped (bf16 base weights, bf16-mixed, real factories) on a local SD-shaped folder."""
+    from acpo_lightning import testing as T
+
+    repo = tmp_path / "tiny-sd"
+    T.tiny_unet().save_pretrained(repo / "unet")
+    T.tiny_vae().save_pretrained(repo / "vae")
+    T.tiny_text_encoder().save_pretrained(repo / "text_encoder")
+    T.tiny_tokenizer().save_pretrained(repo / "tokenizer")
+    T.tiny_scheduler().save_pretrained(repo / "scheduler")
+    overlay = tmp_path / "local.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": None,
+                            "check_val_every_n_epoch": 1, "limit_val_batches": 1,
+                            "default_root_dir": str(tmp_path)},
+                "model": {
+                    "unet": {"init_args": {"unet": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                                           "rank": 4}},
+                    "vae": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                    "text_encoder": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                    "tokenizer": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                    "noise_scheduler": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                    "quality_head": {"class_path": "acpo_lightning.testing.TinyQualityHead"},
+                    "num_inference_steps": 2,
+                },
+                "data": {"class_path": "acpo_lightning.data.ShapesDataModule",
+                         "init_args": {"train_size": 8, "batch_size": 4}},
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", "--config", str(CONFIGS / "acpo.yaml"), "--config", str(overlay)])
+    module = cli.model
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
+    lora = [p for n, p in module.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert module.unet.conv_in.weight.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16
+    state = torch.load(tmp_path / "outputs" / "acpo" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all("lora_" in k or k in module.trained_state_keys() for k in state["state_dict"])

@@ -272,3 +272,14 @@ def test_logged_terms(tokenizer_dir, tmp_path) -> None:
     for name in ("loss", "loss_diff", "loss_anchor", "loss_perc", "iqa", "w_anchor", "perc_share"):
         assert f"train/{name}" in keys and f"val/{name}" in keys
     assert trainer.callback_metrics["train/perc_share"].item() == 0.25
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer_dir) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        module = make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
+        if checkpointing:
+            module.enable_gradient_checkpointing()
+        _step(module, shapes_batch()).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.trainable_parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
