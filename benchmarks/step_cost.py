@@ -31,7 +31,9 @@ VARIANTS = {
     "acpo_separate_anchor_share0.25": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, separate=True
     ),
-    "acpo_rollout_k1": dict(w_anchor=1.0, w_perc=0.1, objective="rollout", rollout_steps=10, k_late=3),
+    "acpo_rollout_k1": dict(
+        w_anchor=1.0, w_perc=0.1, objective="rollout", rollout_steps=10, k_late=3
+    ),
     "draft_k1_chain": dict(draft=True),
 }
 

@@ -57,7 +57,7 @@ TOLERANCE_PYIQA = {"niqe": (2e-3, 0.0), "brisque": (1e-2, 0.0)}
 TOLERANCE_OFFICIAL = {"niqe": (1e-2, 6e-2), "brisque": (1e-2, 8e-2)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params():
     return fetch_classic_iqa_params()
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_module, shapes_batch
 from diffusers import DDIMScheduler
 
 from acpo_lightning.rollout import rollout_terms
 from acpo_lightning.sampling import denoise
+from conftest import make_module, shapes_batch
 
 
 def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
@@ -20,7 +20,9 @@ def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
         return module.unet_output(module.unet, x, t, c)
 
     with torch.no_grad():
-        latents, run = denoise(fn, module.sample_scheduler, noise, cond, None, 1.0, 10, stop_after=7)
+        latents, run = denoise(
+            fn, module.sample_scheduler, noise, cond, None, 1.0, 10, stop_after=7
+        )
         reference = DDIMScheduler.from_config(module.noise_scheduler.config)
         reference.set_timesteps(10)
         manual = noise.clone()
@@ -40,14 +42,20 @@ def _saved_tensor_count(module, steps: int) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rollout_terms(module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0))
+        rollout_terms(
+            module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0)
+        )
     return count
 
 
 def test_gradient_flows_only_through_the_last_step_into_lora(tokenizer_dir) -> None:
-    module = make_module(tokenizer_dir, objective="rollout", rollout_steps=6, k_late=2, lora_init=False)
+    module = make_module(
+        tokenizer_dir, objective="rollout", rollout_steps=6, k_late=2, lora_init=False
+    )
     module.train()
-    terms = rollout_terms(module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0))
+    terms = rollout_terms(
+        module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0)
+    )
     (terms.perc + terms.anchor).backward()
     for name, param in module.named_parameters():
         if param.requires_grad:
@@ -74,7 +82,9 @@ def test_draft_k_keeps_gradient_through_k_steps(tokenizer_dir) -> None:
 
 
 def test_nothing_changes_without_perceptual_and_data_terms(tokenizer_dir) -> None:
-    module = make_module(tokenizer_dir, objective="rollout", w_perc=0.0, w_diff=0.0, rollout_steps=4, k_late=2)
+    module = make_module(
+        tokenizer_dir, objective="rollout", w_perc=0.0, w_diff=0.0, rollout_steps=4, k_late=2
+    )
     module.train()
     loss = module.training_step(shapes_batch(), 0)
     assert loss.item() == 0.0  # zero-init LoRA: no drift, no reward, no data term
@@ -83,9 +93,11 @@ def test_nothing_changes_without_perceptual_and_data_terms(tokenizer_dir) -> Non
 
 
 def test_rollout_steps_are_logged_and_seeded(tokenizer_dir) -> None:
-    module = make_module(tokenizer_dir, objective="both", rollout_ratio=1.0, rollout_steps=4, k_late=2)
+    module = make_module(
+        tokenizer_dir, objective="both", rollout_ratio=1.0, rollout_steps=4, k_late=2
+    )
     module.train()
-    gen = module.step_generator("train", 5, 0)
+    gen = module.host_generator("train", 5, 0)
     assert module._is_rollout_step(gen)
     first = rollout_terms(module, ["a red square"], 1, module.step_generator("train", 5, 0))
     again = rollout_terms(module, ["a red square"], 1, module.step_generator("train", 5, 0))
@@ -122,8 +134,13 @@ def test_prompt_only_validation_scores_the_policys_samples(tokenizer_dir, tmp_pa
     from torch.utils.data import DataLoader
 
     module = make_module(tokenizer_dir, rollout_steps=3, k_late=1)
-    prompts = DataLoader([{"prompt": p} for p in ["a red square", "a blue circle"]], batch_size=2,
-                         collate_fn=lambda items: {"prompts": [i["prompt"] for i in items]})
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    prompts = DataLoader(
+        [{"prompt": p} for p in ["a red square", "a blue circle"]],
+        batch_size=2,
+        collate_fn=lambda items: {"prompts": [i["prompt"] for i in items]},
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     metrics = trainer.validate(module, prompts, verbose=False)[0]
-    assert 0 < metrics["val/rollout_iqa"] and metrics["val/loss_anchor_rollout"] == 0.0
+    assert metrics["val/rollout_iqa"] > 0 and metrics["val/loss_anchor_rollout"] == 0.0

@@ -14,6 +14,7 @@ import torch
 from diffusers import SchedulerMixin
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning import losses
@@ -78,6 +79,10 @@ class ACPOModule(pl.LightningModule):
         rollout_batch_size: prompts per rollout (default: all prompts of the batch). Prompts come
             from the batch's ``rollout_prompts`` if present, else its ``prompts``.
         rollout_guidance_scale: CFG scale of rollouts (default: ``guidance_scale``).
+        channels_last: store UNet and VAE convolution weights and UNet inputs in NHWC layout
+            (faster convolutions on recent GPUs; the results are the same).
+        compile_unet: ``torch.compile`` the policy UNet in place (``nn.Module.compile``: parameter
+            names, checkpoints and LoRA exports are unchanged; the first steps pay the compile time).
 
     Example:
         >>> from acpo_lightning import testing as T
@@ -125,6 +130,8 @@ class ACPOModule(pl.LightningModule):
         draft_k: int = 1,
         rollout_batch_size: int | None = None,
         rollout_guidance_scale: float | None = None,
+        channels_last: bool = False,
+        compile_unet: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -157,6 +164,12 @@ class ACPOModule(pl.LightningModule):
             frozen.requires_grad_(False).eval()
         if not has_lora(unet):
             unet.requires_grad_(True)  # full fine-tuning
+        if channels_last:
+            for part in (unet, anchor_unet, vae):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        if compile_unet:
+            unet.compile()
         self.register_buffer(
             "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
         )
@@ -191,7 +204,9 @@ class ACPOModule(pl.LightningModule):
         if hp.objective not in ("data", "rollout", "both"):
             raise ValueError(f"objective={hp.objective!r} must be 'data', 'rollout' or 'both'.")
         if not 0.0 <= hp.rollout_ratio <= 1.0:
-            raise ValueError(f"rollout_ratio={hp.rollout_ratio} must be in [0, 1] (share of rollout steps).")
+            raise ValueError(
+                f"rollout_ratio={hp.rollout_ratio} must be in [0, 1] (share of rollout steps)."
+            )
         if hp.anchor_mode == "constraint" and hp.anchor_delta <= 0:
             raise ValueError(
                 f"anchor_delta={hp.anchor_delta} must be > 0 in constraint mode (allowed mean drift)."
@@ -236,10 +251,22 @@ class ACPOModule(pl.LightningModule):
             self.enable_gradient_checkpointing()
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute UNet and VAE-decoder activations in the backward pass instead of storing them."""
+        """Recompute UNet, VAE-decoder and quality-head activations in the backward pass."""
         for part in (self.unet, self.vae):
             if part is not None and hasattr(part, "enable_gradient_checkpointing"):
                 part.enable_gradient_checkpointing()
+        self._checkpoint_head = True
+
+    def score_images(self, images: Tensor, prompts: Sequence[str] | None) -> Tensor:
+        """Raw quality scores of ``images`` (checkpointed when gradient checkpointing is on)."""
+        prompts = list(prompts) if prompts is not None else None
+        if (
+            getattr(self, "_checkpoint_head", False)
+            and torch.is_grad_enabled()
+            and images.requires_grad
+        ):
+            return checkpoint(self.quality_head, images, prompts, use_reentrant=False)
+        return self.quality_head(images, prompts)
 
     @property
     def latent_channels(self) -> int:
@@ -269,9 +296,17 @@ class ACPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ encoders and decoder
     def step_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
         """A generator seeded from (seed, stage, step, batch, rank): resumes replay the same draws."""
+        return torch.Generator(device=self.device).manual_seed(
+            self._step_seed(stage, step, batch_idx)
+        )
+
+    def host_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
+        """A CPU twin of :meth:`step_generator` for host-side choices (no device sync to read them)."""
+        return torch.Generator().manual_seed(self._step_seed(stage, step, batch_idx) ^ 0x5EED)
+
+    def _step_seed(self, stage: str, step: int, batch_idx: int) -> int:
         words = [self.hparams.seed, _STAGE_IDS[stage], step, batch_idx, self.global_rank]
-        seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def _prompt_length(self) -> int:
         length = self.hparams.max_prompt_length or int(self.tokenizer.model_max_length)
@@ -319,6 +354,8 @@ class ACPOModule(pl.LightningModule):
     ) -> Tensor:
         """Call a UNet and keep the part of its output that the prediction type refers to."""
         timesteps = timesteps.expand(sample.shape[0]) if timesteps.ndim == 0 else timesteps
+        if self.hparams.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         if self.is_conditional:
             out = unet(sample, timesteps, encoder_hidden_states=cond).sample
         else:
@@ -414,7 +451,7 @@ class ACPOModule(pl.LightningModule):
             self.prediction_type,
         )
         images = self.decode(x0_hat)
-        raw = self.quality_head(images, list(prompts[:count]) if prompts is not None else None)
+        raw = self.score_images(images, prompts[:count] if prompts is not None else None)
         scores = losses.normalize_score(
             raw, self.quality_head.higher_is_better, self.quality_head.score_range
         )
@@ -425,7 +462,8 @@ class ACPOModule(pl.LightningModule):
         drift = drift.detach()
         if self._trainer is not None and self.trainer.world_size > 1:
             drift = self.trainer.strategy.reduce(drift, reduce_op="mean")
-        beta = self.hparams.drift_ema if self.drift_ema_steps > 0 else 0.0
+        # tensor arithmetic only: no host sync (the first update takes the drift as it is)
+        beta = (self.drift_ema_steps > 0).to(drift.dtype) * self.hparams.drift_ema
         self.drift_ema.copy_(beta * self.drift_ema + (1 - beta) * drift)
         self.drift_ema_steps += 1
         self.w_anchor_state.copy_(
@@ -462,12 +500,17 @@ class ACPOModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator("train", self.global_step, batch_idx)
-        use_rollout = self._is_rollout_step(generator)
+        use_rollout = self._is_rollout_step(
+            self.host_generator("train", self.global_step, batch_idx)
+        )
         if "pixel_values" in batch:
             terms, stats = self.compute_terms(batch, generator, score=not use_rollout)
         elif use_rollout:
             zero = self.w_anchor.new_zeros(())
-            terms, stats = losses.ACPOTerms(zero, zero, zero, zero, zero.new_tensor(float("nan"))), {}
+            terms, stats = (
+                losses.ACPOTerms(zero, zero, zero, zero, zero.new_tensor(float("nan"))),
+                {},
+            )
         else:
             raise ValueError(
                 "objective='data' needs image/prompt pairs, but the batch has no 'pixel_values'; use a "
@@ -485,7 +528,7 @@ class ACPOModule(pl.LightningModule):
     def _is_rollout_step(self, generator: torch.Generator) -> bool:
         objective = self.hparams.objective
         if objective == "both":  # drawn from the step's generator: resumes replay the same choice
-            return bool(torch.rand((), generator=generator, device=generator.device) < self.hparams.rollout_ratio)
+            return bool(torch.rand((), generator=generator) < self.hparams.rollout_ratio)
         return objective == "rollout"
 
     def _add_rollout(
@@ -495,20 +538,29 @@ class ACPOModule(pl.LightningModule):
         prompts = batch.get("rollout_prompts", batch.get("prompts"))
         count = len(prompts) if prompts is not None else len(batch["pixel_values"])
         count = min(count, self.hparams.rollout_batch_size or count)
-        roll = rollout_terms(self, list(prompts[:count]) if self.is_conditional else None, count, generator)
+        roll = rollout_terms(
+            self, list(prompts[:count]) if self.is_conditional else None, count, generator
+        )
         w_anchor = self.w_anchor.detach().clone()
         loss = terms.loss + w_anchor * roll.anchor + self.hparams.w_perc * roll.perc
         self.log_dict(
-            {"train/rollout_t": roll.timestep, "train/rollout_iqa": roll.iqa,
-             "train/loss_anchor_rollout": roll.anchor.detach(), "train/loss_anchor_data": terms.anchor.detach()},
-            on_step=True, batch_size=count,
+            {
+                "train/rollout_t": roll.timestep,
+                "train/rollout_iqa": roll.iqa,
+                "train/loss_anchor_rollout": roll.anchor.detach(),
+                "train/loss_anchor_data": terms.anchor.detach(),
+            },
+            on_step=True,
+            batch_size=count,
         )
         stats["perc_share"] = 1.0
         return losses.ACPOTerms(loss, terms.diff, terms.anchor + roll.anchor, roll.perc, roll.iqa)
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator(stage, 0, batch_idx)
-        if "pixel_values" not in batch:  # prompt-only evaluation data: score the policy's own samples
+        if (
+            "pixel_values" not in batch
+        ):  # prompt-only evaluation data: score the policy's own samples
             return self._evaluate_rollout(stage, batch, generator)
         terms, stats = self.compute_terms(batch, generator)
         self._log_terms(stage, terms, stats, len(batch["pixel_values"]))
@@ -518,10 +570,15 @@ class ACPOModule(pl.LightningModule):
         hp = self.hparams
         check_rollout_settings(hp.rollout_steps, hp.k_late, hp.draft_k, self.sample_scheduler)
         prompts = list(batch["prompts"])
-        roll = rollout_terms(self, prompts if self.is_conditional else None, len(prompts), generator)
+        roll = rollout_terms(
+            self, prompts if self.is_conditional else None, len(prompts), generator
+        )
         loss = self.w_anchor * roll.anchor + hp.w_perc * roll.perc
-        values = {f"{stage}/rollout_iqa": roll.iqa, f"{stage}/loss_anchor_rollout": roll.anchor,
-                  f"{stage}/rollout_loss": loss}
+        values = {
+            f"{stage}/rollout_iqa": roll.iqa,
+            f"{stage}/loss_anchor_rollout": roll.anchor,
+            f"{stage}/rollout_loss": loss,
+        }
         self.log_dict(values, on_epoch=True, batch_size=len(prompts), sync_dist=True)
         return loss
 

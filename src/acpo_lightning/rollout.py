@@ -50,14 +50,22 @@ def check_rollout_settings(rollout_steps: int, k_late: int, draft_k: int, sample
         )
 
 
-def rollout_terms(module: ACPOModule, prompts: list[str] | None, count: int, generator: torch.Generator) -> RolloutTerms:
+def rollout_terms(
+    module: ACPOModule,
+    prompts: list[str] | None,
+    count: int,
+    generator: torch.Generator,
+    host_generator: torch.Generator | None = None,
+) -> RolloutTerms:
     """Sample ``count`` images with the policy, the last step(s) with gradient, and score them.
 
     Args:
         module: the ACPOModule (its policy, anchor, VAE, quality head and settings are used).
         prompts: one prompt per sample for conditional models, else ``None``.
         count: number of samples.
-        generator: the step's generator (noise and the late step are drawn from it).
+        generator: the step's generator on the module's device (the noise is drawn from it).
+        host_generator: CPU generator for the choice of the late step (default: a CPU generator
+            seeded from ``generator``), so that the choice needs no device sync.
 
     Returns:
         :class:`RolloutTerms`.
@@ -70,7 +78,9 @@ def rollout_terms(module: ACPOModule, prompts: list[str] | None, count: int, gen
         uncond = module.null_embedding().expand_as(cond) if guidance > 1.0 else None
     shape = (count, module.latent_channels, module.latent_size, module.latent_size)
     noise = torch.randn(shape, generator=generator, device=module.device)
-    offset = int(torch.randint(0, hp.k_late, (1,), generator=generator, device=generator.device))
+    if host_generator is None:
+        host_generator = torch.Generator().manual_seed(generator.initial_seed())
+    offset = int(torch.randint(0, hp.k_late, (1,), generator=host_generator))
     last = hp.rollout_steps - 1 - offset  # index of the final step, the one scored
     first_grad = last - (hp.draft_k - 1)
 
@@ -79,8 +89,15 @@ def rollout_terms(module: ACPOModule, prompts: list[str] | None, count: int, gen
 
     with torch.no_grad():
         latents, run = denoise(
-            policy, module.sample_scheduler, noise, cond, uncond, guidance, hp.rollout_steps,
-            generator=generator, stop_after=first_grad,
+            policy,
+            module.sample_scheduler,
+            noise,
+            cond,
+            uncond,
+            guidance,
+            hp.rollout_steps,
+            generator=generator,
+            stop_after=first_grad,
         )
     for _ in range(hp.draft_k - 1):
         pred = checkpoint(run.predict, policy, latents, cond, uncond, guidance, use_reentrant=False)
@@ -93,8 +110,10 @@ def rollout_terms(module: ACPOModule, prompts: list[str] | None, count: int, gen
     x0_hat = losses.predicted_original(
         latents, pred.float(), run.scheduler.alphas_cumprod, timesteps, module.prediction_type
     )
-    raw = module.quality_head(module.decode(x0_hat), list(prompts) if prompts is not None else None)
+    raw = module.score_images(module.decode(x0_hat), prompts)
     head = module.quality_head
     scores = losses.normalize_score(raw, head.higher_is_better, head.score_range)
     perc = losses.perceptual_loss(scores, losses.late_mask(timesteps, hp.tau))
-    return RolloutTerms(anchor=anchor, perc=perc, iqa=scores.detach().mean(), timestep=timestep.float())
+    return RolloutTerms(
+        anchor=anchor, perc=perc, iqa=scores.detach().mean(), timestep=timestep.float()
+    )

@@ -83,7 +83,10 @@ class SamplerRun:
         self.timesteps = self.scheduler.timesteps
         self.index = 0
         self.step_kwargs = {}
-        if generator is not None and "generator" in inspect.signature(self.scheduler.step).parameters:
+        if (
+            generator is not None
+            and "generator" in inspect.signature(self.scheduler.step).parameters
+        ):
             self.step_kwargs["generator"] = generator
 
     @property
@@ -100,7 +103,12 @@ class SamplerRun:
         return noise * self.scheduler.init_noise_sigma
 
     def predict(
-        self, unet_fn: UNetFn, latents: Tensor, cond: Tensor | None, uncond: Tensor | None, guidance_scale: float
+        self,
+        unet_fn: UNetFn,
+        latents: Tensor,
+        cond: Tensor | None,
+        uncond: Tensor | None,
+        guidance_scale: float,
     ) -> Tensor:
         """The (guided) model output at the current step, without stepping."""
         model_input = self.scheduler.scale_model_input(latents, self.timestep)
@@ -108,7 +116,9 @@ class SamplerRun:
 
     def advance(self, pred: Tensor, latents: Tensor) -> Tensor:
         """Take the current step with a given model output; returns the next latents."""
-        latents = self.scheduler.step(pred, self.timestep, latents, **self.step_kwargs, return_dict=False)[0]
+        latents = self.scheduler.step(
+            pred, self.timestep, latents, **self.step_kwargs, return_dict=False
+        )[0]
         self.index += 1
         return latents
 

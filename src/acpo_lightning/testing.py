@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from acpo_lightning.quality.base import QualityHead
 
@@ -122,6 +122,56 @@ def tiny_tokenizer(directory: str | None = None) -> CLIPTokenizer:
     """Load the tiny CLIP tokenizer, writing it first (to a temporary folder if none is given)."""
     directory = write_tiny_tokenizer(directory or tempfile.mkdtemp(prefix="acpo-tiny-tokenizer-"))
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=TINY_MAX_LENGTH)
+
+
+def tiny_clip_model(seed: int = 0, image_size: int = 32) -> CLIPModel:
+    """A two-layer CLIP (text and vision towers, 16-dim joint space) on the tiny tokenizer's vocabulary.
+
+    The PickScore and CLIPScore metrics run on it exactly as on ``openai/clip-vit-large-patch14``.
+    """
+    torch.manual_seed(seed)
+    vocab = _vocab_size()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TINY_MAX_LENGTH,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval()
+
+
+def write_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a tiny CLIP model and its processor (resize/crop to ``image_size``) to ``directory``.
+
+    The folder loads with ``CLIPModel.from_pretrained`` / ``CLIPProcessor.from_pretrained``, so it
+    stands in for a hub id such as ``yuvalkirstain/PickScore_v1`` in offline tests and configs.
+    """
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    directory = Path(directory)
+    tiny_clip_model(seed, image_size).save_pretrained(directory)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    tokenizer = tiny_tokenizer(tempfile.mkdtemp(prefix="acpo-tiny-tokenizer-"))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
 
 
 def tiny_scheduler(

@@ -6,6 +6,7 @@ frozen base model back for free, which is how ACPO's anchor costs no extra weigh
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch import nn
 #: Attention projections of diffusers' UNets (self- and cross-attention), the usual SD LoRA targets.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: Safetensors metadata key under which diffusers stores the adapter's ``LoraConfig``.
+LORA_METADATA_KEY = "lora_adapter_metadata"
 
 
 def add_lora(
@@ -128,17 +131,37 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         ValueError: ``model`` has no LoRA adapter.
     """
-    from safetensors.torch import save_file
-
     if not has_lora(model):
         raise ValueError(
             f"{type(model).__name__} has no LoRA adapter to save; add one with add_lora()."
         )
+    configs = getattr(model, "peft_config", None) or {}
+    config = next(iter(configs.values())) if len(configs) == 1 else None
+    return write_lora_file(lora_state_dict(model), directory, config)
+
+
+def write_lora_file(
+    state: dict[str, torch.Tensor], directory: str | Path, config: LoraConfig | None = None
+) -> Path:
+    """Write ``state`` (diffusers layout, ``unet.``-prefixed) as ``directory/pytorch_lora_weights.safetensors``.
+
+    With ``config``, the adapter's ``LoraConfig`` goes into the file's metadata as diffusers'
+    ``save_lora_weights`` writes it, so that ``load_lora_weights`` uses its ``lora_alpha`` (without
+    it, diffusers assumes ``alpha == rank``).
+    """
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt"}
+    if config is not None:
+        packed = {
+            f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()
+        }
+        metadata[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True, default=str)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHT_NAME
     tmp = path.with_suffix(".tmp")
-    save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(state, str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a failed write never leaves a half file under the real name
     return path
 

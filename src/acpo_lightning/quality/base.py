@@ -71,8 +71,11 @@ class QualityHead(nn.Module):
         """Score ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) and return a tensor of shape ``[B]``."""
         if self.native_size is not None and images.shape[-2:] != (self.native_size,) * 2:
             images = F.interpolate(
-                images, size=(self.native_size, self.native_size), mode="bilinear",
-                align_corners=False, antialias=False,
+                images,
+                size=(self.native_size, self.native_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
             )
         return self.score(images, prompts)
 
@@ -129,4 +132,6 @@ def check_quality_head(head: nn.Module, image_size: tuple[int, int], device: tor
             "score per image, a tensor of shape [B]. Squeeze or average its output in forward()."
         )
     if not torch.isfinite(out).all():
-        raise ValueError(f"quality head {name} returned non-finite scores {out.tolist()} on random images.")
+        raise ValueError(
+            f"quality head {name} returned non-finite scores {out.tolist()} on random images."
+        )

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from acpo_lightning.losses import normalize_score
 from acpo_lightning.quality.base import QualityHead
 
 
@@ -22,9 +23,7 @@ def normalize_quality(
         >>> normalize_quality(torch.tensor([25.0]), False, (0.0, 100.0)).tolist()
         [0.75]
     """
-    low, high = score_range
-    span = high - low
-    return (score - low) / span if higher_is_better else (high - score) / span
+    return normalize_score(score, higher_is_better, score_range)
 
 
 class CompositeQualityHead(QualityHead):

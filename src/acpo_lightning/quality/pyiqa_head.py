@@ -58,16 +58,16 @@ class PyiqaQualityHead(QualityHead):
     Direction comes from pyiqa's ``lower_better`` flag; the nominal range from pyiqa's
     ``score_range`` entry (``"~0, ~100"`` reads as ``(0, 100)``). Some common metrics:
 
-    ============  ==================  ================  ==========================
-    metric        higher_is_better    score_range       input
-    ============  ==================  ================  ==========================
-    maniqa        True                (0, 1)            resized to 224 (1 crop)
-    topiq_nr      True                (0, 1)            any size
-    musiq         True                (0, 100)          any size
-    clipiqa+      True                (0, 1)            any size
-    niqe          False               (0, 100)          side >= 96
-    brisque       False               (0, 150)          any size
-    ============  ==================  ================  ==========================
+    ============  ================  ===========  ====================================
+    metric        higher_is_better  score_range  resizing by this head (native_size)
+    ============  ================  ===========  ====================================
+    maniqa        True              (0, 1)       to 224, scored as one 224 crop
+    topiq_nr      True              (0, 1)       none
+    musiq         True              (0, 100)     none
+    clipiqa+      True              (0, 1)       none
+    niqe          False             (0, 100)     none; sides below 96 px are refused
+    brisque       False             (0, 150)     none
+    ============  ================  ===========  ====================================
 
     Natural photos score far inside the nominal span (NIQE about 3-20, BRISQUE about 0-100); pass
     ``score_range`` to normalize over the span your images actually cover.

@@ -41,5 +41,7 @@ class SharpnessHead(QualityHead):
 
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         gray = (images * self.luma.to(images.dtype)).sum(dim=1, keepdim=True)
-        response = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.kernel.to(images.dtype))
+        response = F.conv2d(
+            F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.kernel.to(images.dtype)
+        )
         return self.scale * response.pow(2).mean(dim=(1, 2, 3))

@@ -1,0 +1,53 @@
+"""The speed/memory switches change nothing in the results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_module, shapes_batch
+
+
+def _loss_and_grads(module) -> tuple[torch.Tensor, torch.Tensor]:
+    module.train()
+    terms, _ = module.compute_terms(shapes_batch(), torch.Generator().manual_seed(0))
+    terms.loss.backward()
+    return terms.loss.detach(), torch.cat([p.grad.flatten() for p in module.trainable_parameters()])
+
+
+def test_channels_last_gives_the_same_step(tokenizer_dir) -> None:
+    reference = _loss_and_grads(
+        make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
+    )
+    module = make_module(
+        tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5, channels_last=True
+    )
+    assert module.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    loss, grads = _loss_and_grads(module)
+    torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, reference[1], rtol=1e-4, atol=1e-6)
+
+
+def test_quality_head_is_checkpointed_with_gradient_checkpointing(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
+    reference = _loss_and_grads(module)
+    calls = []
+    module.quality_head.register_forward_pre_hook(lambda *args: calls.append(1))
+    module.enable_gradient_checkpointing()
+    module.zero_grad()
+    loss, grads = _loss_and_grads(module)
+    assert len(calls) == 2  # forward, then recomputed in backward instead of stored
+    torch.testing.assert_close(loss, reference[0])
+    torch.testing.assert_close(grads, reference[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_step_and_state_names(tokenizer_dir) -> None:
+    kwargs = dict(lora_init=False, w_perc=1.0, perceptual_share=0.5)
+    reference_module = make_module(tokenizer_dir, **kwargs)
+    reference = _loss_and_grads(reference_module)
+    module = make_module(tokenizer_dir, compile_unet=True, **kwargs)
+    loss, grads = _loss_and_grads(module)
+    torch.testing.assert_close(loss, reference[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads, reference[1], rtol=1e-3, atol=1e-5)
+    assert module.trained_state_keys() == reference_module.trained_state_keys()
