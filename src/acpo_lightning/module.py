@@ -83,6 +83,7 @@ class ACPOModule(pl.LightningModule):
             (faster convolutions on recent GPUs; the results are the same).
         compile_unet: ``torch.compile`` the policy UNet in place (``nn.Module.compile``: parameter
             names, checkpoints and LoRA exports are unchanged; the first steps pay the compile time).
+        compile_backend: ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
 
     Example:
         >>> from acpo_lightning import testing as T
@@ -132,6 +133,7 @@ class ACPOModule(pl.LightningModule):
         rollout_guidance_scale: float | None = None,
         channels_last: bool = False,
         compile_unet: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -169,7 +171,7 @@ class ACPOModule(pl.LightningModule):
                 if part is not None:
                     part.to(memory_format=torch.channels_last)
         if compile_unet:
-            unet.compile()
+            unet.compile(backend=compile_backend)
         self.register_buffer(
             "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
         )
