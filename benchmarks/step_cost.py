@@ -98,8 +98,10 @@ def build(args: argparse.Namespace, spec: dict):
     from acpo_lightning.testing import tiny_scheduler, write_tiny_tokenizer
 
     torch.manual_seed(0)
-    unet = add_lora(sd15_unet(args.scale, args.latent), rank=16)
-    anchor = sd15_unet(args.scale, args.latent) if spec.get("separate") else None
+    # frozen weights in bf16 with --bf16 (as configs/acpo.yaml loads them); LoRA weights stay fp32
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    unet = add_lora(sd15_unet(args.scale, args.latent).to(dtype), rank=16)
+    anchor = sd15_unet(args.scale, args.latent).to(dtype) if spec.get("separate") else None
     dim = unet.config.cross_attention_dim
     encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -123,7 +125,7 @@ def build(args: argparse.Namespace, spec: dict):
         anchor_unet=anchor,
         quality_head=iqa_sized_head(args.head_size),
         noise_scheduler=tiny_scheduler(),
-        vae=sd15_vae(args.scale),
+        vae=sd15_vae(args.scale).to(dtype),
         text_encoder=encoder,
         tokenizer=tokenizer,
         gradient_checkpointing=args.checkpointing,
