@@ -137,14 +137,28 @@ def test_out_of_range_tau_stops_before_training_with_one_clear_line(
 @pytest.mark.parametrize("objective", ["rollout", "both"])
 def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["--trainer.max_steps", "3", "--model.objective", objective, "--model.rollout_steps", "4",
-            "--model.k_late", "2", "--model.w_perc", "1.0"]
+    args = [
+        "--trainer.max_steps",
+        "3",
+        "--model.objective",
+        objective,
+        "--model.rollout_steps",
+        "4",
+        "--model.k_late",
+        "2",
+        "--model.w_perc",
+        "1.0",
+    ]
     main(["fit", *_config_args("tiny.yaml"), *args])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((tmp_path / "outputs" / "tiny").rglob("events.out.tfevents.*"))))
+    events = EventAccumulator(
+        str(next((tmp_path / "outputs" / "tiny").rglob("events.out.tfevents.*")))
+    )
     events.Reload()
-    assert {"train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout"} <= set(events.Tags()["scalars"])
+    assert {"train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout"} <= set(
+        events.Tags()["scalars"]
+    )
 
 
 @pytest.mark.slow
@@ -162,12 +176,29 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
     overlay.write_text(
         yaml.safe_dump(
             {
-                "trainer": {"accelerator": "cpu", "max_steps": 2, "val_check_interval": None,
-                            "check_val_every_n_epoch": 1, "limit_val_batches": 1,
-                            "default_root_dir": str(tmp_path)},
+                "trainer": {
+                    "accelerator": "cpu",
+                    "max_steps": 2,
+                    "val_check_interval": None,
+                    "check_val_every_n_epoch": 1,
+                    "limit_val_batches": 1,
+                    "default_root_dir": str(tmp_path),
+                    # acpo.yaml's evaluation callbacks load PickScore/CLIP/MANIQA from the hub
+                    # (tested offline in test_callbacks.py); this test is about the model loaders
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"dirpath": "outputs/acpo/checkpoints", "save_last": True},
+                        }
+                    ],
+                },
                 "model": {
-                    "unet": {"init_args": {"unet": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
-                                           "rank": 4}},
+                    "unet": {
+                        "init_args": {
+                            "unet": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
+                            "rank": 4,
+                        }
+                    },
                     "vae": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
                     "text_encoder": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
                     "tokenizer": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
@@ -175,8 +206,10 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
                     "quality_head": {"class_path": "acpo_lightning.testing.TinyQualityHead"},
                     "num_inference_steps": 2,
                 },
-                "data": {"class_path": "acpo_lightning.data.ShapesDataModule",
-                         "init_args": {"train_size": 8, "batch_size": 4}},
+                "data": {
+                    "class_path": "acpo_lightning.data.ShapesDataModule",
+                    "init_args": {"train_size": 8, "batch_size": 4},
+                },
             }
         )
     )
@@ -187,5 +220,7 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
     lora = [p for n, p in module.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert module.unet.conv_in.weight.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16
-    state = torch.load(tmp_path / "outputs" / "acpo" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = torch.load(
+        tmp_path / "outputs" / "acpo" / "checkpoints" / "last.ckpt", weights_only=True
+    )
     assert all("lora_" in k or k in module.trained_state_keys() for k in state["state_dict"])

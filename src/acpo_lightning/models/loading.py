@@ -75,6 +75,9 @@ def missing_weights_message(
             f"check that it holds {subfolder + '/' if subfolder else ''}config.json and the weights "
             "(diffusion_pytorch_model.safetensors or model.safetensors)"
         )
+    elif _looks_like_a_path(name_or_path):
+        looked = f"the local directory {Path(name_or_path).expanduser()}, which does not exist"
+        fix = "check the path, or pass a Hugging Face hub id (namespace/name) to load from the hub or its cache"
     else:
         offline = " (HF_HUB_OFFLINE is set, so only the cache was read)" if hub_offline() else ""
         looked = f"the Hugging Face cache {_cache_dir()}{offline}"
@@ -83,6 +86,15 @@ def missing_weights_message(
             "download the repository and pass its local directory as pretrained_model_name_or_path"
         )
     return f"could not load the {what} '{where}' from {looked}: {cause}. Fix: {fix}."
+
+
+def _looks_like_a_path(name_or_path: str) -> bool:
+    """A hub id is ``name`` or ``namespace/name``; anything else can only be a local path."""
+    return (
+        os.path.isabs(name_or_path)
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+    )
 
 
 def load_pretrained(
@@ -106,6 +118,7 @@ def load_pretrained(
             isinstance(error, ValueError)
             and "local_files_only" not in text
             and "connect" not in text.lower()
+            and type(error).__name__ != "HFValidationError"  # a local path that does not exist
         ):
             raise
         raise ModelNotFoundError(

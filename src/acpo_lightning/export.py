@@ -1,0 +1,177 @@
+"""``acpo export``: a Lightning checkpoint's LoRA as ``pytorch_lora_weights.safetensors`` for diffusers.
+
+The checkpoint is read with ``torch.load(weights_only=True)``; no model is built and no base
+weights are needed. The LoRA settings the file's metadata needs (rank, alpha, target modules) come
+from the training config: the ``config.yaml`` that ``acpo fit`` saves next to the checkpoints (or
+one folder up, in Lightning's default layout), or the files given with ``--config``.
+
+    acpo export --ckpt outputs/acpo/checkpoints/last.ckpt --out outputs/acpo/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from acpo_lightning.models.lora import add_lora, write_lora_file
+
+_LORA_KEY = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)\.")
+CONFIG_NAME = "config.yaml"
+
+
+def lora_weights_from_checkpoint(
+    state_dict: dict[str, torch.Tensor], module: str = "unet"
+) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``module`` in a LightningModule state dict, in diffusers' file layout.
+
+    Produces exactly what :func:`acpo_lightning.models.lora_state_dict` gives for the live module.
+
+    Raises:
+        ValueError: no LoRA weights under ``module.``, or several adapters.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    prefix = f"{module}."
+    lora = {
+        k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and ".lora_" in k
+    }
+    if not lora:
+        raise ValueError(
+            f"the checkpoint holds no LoRA weights under '{prefix}' (keys e.g. {sorted(state_dict)[:3]}); "
+            "it comes from full fine-tuning or another module, and has no adapter to export."
+        )
+    adapters = {m.group(1) for k in lora if (m := _LORA_KEY.search(k))}
+    if len(adapters) != 1:
+        raise ValueError(f"expected one LoRA adapter in the checkpoint, found {sorted(adapters)}.")
+    adapter = adapters.pop()
+    peft_state = {k.replace(f".{adapter}.", "."): v for k, v in lora.items()}
+    converted = convert_state_dict_to_diffusers(peft_state)
+    return {f"unet.{k}": v.detach().contiguous().cpu() for k, v in converted.items()}
+
+
+def find_training_config(ckpt_path: Path) -> Path | None:
+    """``config.yaml`` next to the checkpoint, or one folder up (Lightning's default layout)."""
+    for folder in (ckpt_path.parent, ckpt_path.parent.parent):
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
+    return None
+
+
+def lora_settings(configs: Sequence[Path]) -> dict[str, Any]:
+    """``add_lora``'s arguments from the training config(s), later files overriding earlier ones.
+
+    Raises:
+        ValueError: ``model.unet`` is not ``acpo_lightning.models.add_lora``.
+    """
+    merged: dict[str, Any] = {}
+    for path in configs:
+        merged = _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+    model = merged.get("model") or {}
+    model = model.get("init_args", model) if "class_path" in model else model
+    unet = model.get("unet") or {}
+    if not str(unet.get("class_path", "")).endswith("add_lora"):
+        raise ValueError(
+            f"model.unet in {[str(p) for p in configs]} is {unet.get('class_path')!r}, not "
+            "acpo_lightning.models.add_lora; only a LoRA-adapted UNet can be exported."
+        )
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(add_lora).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **{k: v for k, v in (unet.get("init_args") or {}).items() if k != "unet"}}
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, configs: Sequence[str | Path] = ()
+) -> Path:
+    """Write the checkpoint's LoRA to ``out/pytorch_lora_weights.safetensors``.
+
+    Args:
+        ckpt: a Lightning checkpoint of an ``ACPOModule`` with a LoRA UNet.
+        out: output folder (created).
+        configs: the training config file(s); default: the saved ``config.yaml`` found beside ``ckpt``.
+
+    Returns:
+        The written file.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or no config found and none given.
+        ValueError: no LoRA in the checkpoint, or a rank that disagrees with the config.
+    """
+    from peft import LoraConfig
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {ckpt}; pass the .ckpt file that `acpo fit` wrote."
+        )
+    paths = [Path(c) for c in configs] or [p for p in [find_training_config(ckpt)] if p]
+    if not paths:
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} next to {ckpt} or in {ckpt.parent.parent}; pass the config(s) you trained "
+            "with: --config configs/acpo.yaml [--config overlay.yaml]."
+        )
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"config file(s) {missing} do not exist.")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    weights = lora_weights_from_checkpoint(state)
+    settings = lora_settings(paths)
+    rank = int(settings["rank"])
+    ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith("lora.down.weight")}
+    if ranks != {rank}:
+        raise ValueError(
+            f"the checkpoint's LoRA rank is {sorted(ranks)} but the config {[str(p) for p in paths]} says "
+            f"rank: {rank}; pass the config the checkpoint was trained with."
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=settings.get("alpha") or rank,
+        target_modules=list(settings["target_modules"]),
+        lora_dropout=float(settings.get("dropout") or 0.0),
+        init_lora_weights=settings.get("init_lora_weights", True),
+    )
+    return write_lora_file(weights, out, config)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            same_class = value.get("class_path", merged[key].get("class_path")) == merged[key].get(
+                "class_path"
+            )
+            merged[key] = _merge(merged[key], value) if same_class else value
+        else:
+            merged[key] = value
+    return merged
+
+
+def export_main(argv: Sequence[str]) -> Path:
+    """``acpo export --ckpt CKPT --out DIR [--config FILE ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="acpo export",
+        description="Write a checkpoint's LoRA as pytorch_lora_weights.safetensors for diffusers' "
+        "StableDiffusionPipeline.load_lora_weights.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `acpo fit`.")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="training config (repeatable, later files override); default: the config.yaml saved "
+        "next to the checkpoint or one folder up",
+    )
+    args = parser.parse_args(list(argv))
+    path = export_checkpoint(args.ckpt, args.out, args.config)
+    print(f"wrote {path}")
+    return path
