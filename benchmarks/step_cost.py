@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 VARIANTS = {
     "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0),
@@ -183,8 +184,8 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-    for index in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         with autocast:
             if spec.get("draft"):
                 loss = draft_k1_loss(module, batch, args.chain_steps)
@@ -193,10 +194,18 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for index in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
         if cuda:
             torch.cuda.synchronize()
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
+    # FLOPs of one more step: a count, not a timing, so it is the same on a busy machine
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
         total = torch.cuda.max_memory_allocated()
@@ -209,6 +218,7 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
             "step_s": statistics.median(times),
             "peak_step_bytes": peak,
             "peak_total_bytes": total,
+            "flops": flops,
         }
     )
 
@@ -250,12 +260,15 @@ def main() -> None:
         results.append(queue.get())
         process.join()
     base = results[0]
-    print(f"{'variant':34s} {'step s':>8s} {'x plain':>8s} {'peak MiB':>9s} {'x plain':>8s}")
+    header = ("variant", "step s", "x plain", "GFLOP", "x plain", "peak MiB", "x plain")
+    print("{:34s} {:>8s} {:>8s} {:>9s} {:>8s} {:>9s} {:>8s}".format(*header))
     for row in results:
         row["time_ratio"] = row["step_s"] / base["step_s"]
+        row["flops_ratio"] = row["flops"] / base["flops"]
         row["memory_ratio"] = row["peak_total_bytes"] / base["peak_total_bytes"]
         print(
             f"{row['variant']:34s} {row['step_s']:8.3f} {row['time_ratio']:8.2f} "
+            f"{row['flops'] / 1e9:9.1f} {row['flops_ratio']:8.2f} "
             f"{row['peak_total_bytes'] / 2**20:9.0f} {row['memory_ratio']:8.2f}"
         )
     machine = (
