@@ -189,8 +189,8 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         with autocast:
             if spec.get("draft"):
                 loss = draft_k1_loss(module, batch, args.chain_steps)
-            else:
-                loss = module.compute_terms(batch, generator)[0].loss
+            else:  # the real training step (rollout steps included); logging is a no-op without a Trainer
+                loss = module.training_step(batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

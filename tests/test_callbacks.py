@@ -267,8 +267,21 @@ def test_prompt_lists_shipped_files_and_benchmarks(tmp_path) -> None:
     drawbench = tmp_path / "drawbench.csv"
     drawbench.write_text('Prompts,Category\n"A red colored car.",Colors\n')
     assert load_prompts(drawbench) == ["A red colored car."]
-    with pytest.raises(FileNotFoundError, match=r"not bundled.*its path as prompts"):
-        load_prompts("DrawBench")
+    drawbench_shipped = load_prompts("DrawBench")
+    assert len(drawbench_shipped) == 200 and drawbench_shipped[0] == "A red colored car."
+    assert "A storefront with 'Google Research Pizza Cafe' written on it." in drawbench_shipped
+    assert len(load_prompts("drawbench", category="Counting")) == 19
+    assert load_prompts("drawbench", category="gary marcus et al.")[0].startswith("Paying for")
+    parti_shipped = load_prompts("partiprompts")
+    assert len(parti_shipped) == 1632 and parti_shipped[:2] == ["bond", "element"]
+    assert "a shiba inu wearing a beret and black turtleneck" in parti_shipped
+    # a .tsv prompt that starts with a double quote is kept whole (no CSV quote handling)
+    assert any(p.startswith('"G I G G L E" painted') for p in parti_shipped)
+    assert len(load_prompts("PartiPrompts", category="Abstract")) == 51
+    with pytest.raises(ValueError, match="holds no prompt"):
+        load_prompts("drawbench", category="No Such Category")
+    with pytest.raises(ValueError, match="plain prompt list"):
+        load_prompts("acpo_eval", category="Colors")
     bad = tmp_path / "bad.csv"
     bad.write_text("id,words\n1,hello\n")
     with pytest.raises(ValueError, match=r"none of .*Prompt"):

@@ -30,7 +30,8 @@ class GenerationMetricCallback(Callback):
     """Base class: score the module's samples on fixed prompts and seeds every N epochs or steps.
 
     Args:
-        prompts: a shipped prompt list (``acpo_eval``) or a ``.txt``/``.csv``/``.tsv`` file
+        prompts: a shipped prompt list (``acpo_eval``, ``drawbench``, ``partiprompts``) or a
+            ``.txt``/``.csv``/``.tsv`` file
             (see :func:`~acpo_lightning.callbacks.prompts.load_prompts`).
         max_prompts: use only the first ``max_prompts`` prompts.
         seed: image ``i`` of the list is generated with seed ``seed + i`` (on every rank).
@@ -230,7 +231,7 @@ class CLIPScoreCallback(_CLIPMetricCallback):
         **kwargs: the generation and frequency options of :class:`GenerationMetricCallback`.
 
     Example:
-        >>> callbacks = [CLIPScoreCallback(prompts="PartiPrompts.tsv", max_prompts=64)]  # doctest: +SKIP
+        >>> callbacks = [CLIPScoreCallback(prompts="partiprompts", max_prompts=64)]  # doctest: +SKIP
     """
 
     metric_name = "clipscore"

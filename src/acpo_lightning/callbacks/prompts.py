@@ -7,82 +7,113 @@ from importlib import resources
 from pathlib import Path
 
 #: Prompt lists shipped as package data (``callbacks/prompt_lists``; sources and licences in its README).
-SHIPPED_PROMPT_LISTS = {"acpo_eval": "acpo_eval.txt"}
-#: Benchmarks users ask for by name that are not bundled, and where their file comes from.
-NOT_BUNDLED = {
-    "drawbench": "DrawBench (Saharia et al., 2022): the CSV export of the list published with Imagen",
-    "partiprompts": "PartiPrompts (Yu et al., 2022): PartiPrompts.tsv from the google-research/parti "
-    "repository (Apache-2.0)",
+SHIPPED_PROMPT_LISTS = {
+    "acpo_eval": "acpo_eval.txt",
+    "drawbench": "drawbench.csv",
+    "partiprompts": "partiprompts.tsv",
 }
 #: Columns read from ``.csv``/``.tsv`` files, in order of preference.
 PROMPT_COLUMNS = ("Prompt", "Prompts", "prompt", "prompts", "text", "caption")
+#: Column that ``category`` filters on.
+CATEGORY_COLUMN = "Category"
 
 
-def load_prompts(source: str | Path, max_prompts: int | None = None) -> list[str]:
-    """Read a prompt list: a shipped name (``acpo_eval``) or a ``.txt``/``.csv``/``.tsv`` file.
+def load_prompts(
+    source: str | Path, max_prompts: int | None = None, category: str | None = None
+) -> list[str]:
+    """Read a prompt list: a shipped name or a ``.txt``/``.csv``/``.tsv`` file.
+
+    Shipped names (:data:`SHIPPED_PROMPT_LISTS`; case, ``-`` and ``_`` ignored): ``acpo_eval``
+    (32 prompts), ``drawbench`` (DrawBench, 200 prompts, 11 categories) and ``partiprompts``
+    (PartiPrompts, 1,632 prompts, 12 categories).
 
     ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped.
     ``.csv``/``.tsv``: the first of the columns :data:`PROMPT_COLUMNS` present (PartiPrompts.tsv
-    has ``Prompt``, DrawBench's CSV ``Prompts``).
+    has ``Prompt``, DrawBench's CSV ``Prompts``). ``.tsv`` files are read without quote handling,
+    as PartiPrompts.tsv has prompts that begin with ``"``.
 
     Args:
         source: a name of :data:`SHIPPED_PROMPT_LISTS` or a file path.
         max_prompts: keep only the first ``max_prompts`` prompts (``None``: all).
+        category: keep only the rows whose ``Category`` column equals this (case-insensitive),
+            e.g. ``"Counting"`` for DrawBench or ``"Animals"`` for PartiPrompts; ``None``: all.
 
     Returns:
         The prompts, in file order.
 
     Raises:
-        FileNotFoundError: an unknown name, a benchmark that is not bundled, or a missing file.
-        ValueError: no prompt column, an empty list, or ``max_prompts < 1``.
+        FileNotFoundError: an unknown name or a missing file.
+        ValueError: no prompt column, no ``Category`` column when ``category`` is set, an empty
+            list (or a category with no prompt), or ``max_prompts < 1``.
 
     Example:
-        >>> len(load_prompts("acpo_eval"))
-        32
+        >>> len(load_prompts("acpo_eval")), len(load_prompts("drawbench", category="Counting"))
+        (32, 19)
     """
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"max_prompts={max_prompts} must be >= 1, or None for the whole list.")
-    key = str(source).strip().lower().replace("-", "").replace("_", "")
-    if str(source) in SHIPPED_PROMPT_LISTS:
+    key = _shipped_key(source)
+    if key is not None and not Path(source).is_file():
+        name = SHIPPED_PROMPT_LISTS[key]
         text = (
             resources.files("acpo_lightning.callbacks")
-            .joinpath("prompt_lists", SHIPPED_PROMPT_LISTS[str(source)])
+            .joinpath("prompt_lists", name)
             .read_text(encoding="utf-8")
         )
-        prompts = _text_prompts(text)
-    elif key in NOT_BUNDLED and not Path(source).exists():
-        raise FileNotFoundError(
-            f"prompts={source!r}: {NOT_BUNDLED[key]} is not bundled with acpo-lightning (no copy "
-            "with a clear source was available when it was built). Download that file and pass "
-            f"its path as prompts, or use a shipped list: {sorted(SHIPPED_PROMPT_LISTS)}."
-        )
+        prompts = _parse(text, Path(name).suffix, key, category)
     else:
-        prompts = _file_prompts(Path(source))
+        prompts = _file_prompts(Path(source), category)
     if not prompts:
-        raise ValueError(f"prompt list {source!r} holds no prompt.")
+        which = f" category {category!r}" if category else ""
+        raise ValueError(f"prompt list {source!r}{which} holds no prompt.")
     return prompts[:max_prompts] if max_prompts else prompts
 
 
-def _file_prompts(path: Path) -> list[str]:
+def _shipped_key(source: str | Path) -> str | None:
+    """The :data:`SHIPPED_PROMPT_LISTS` key ``source`` names, ignoring case, ``-`` and ``_``."""
+    wanted = str(source).strip().lower().replace("-", "").replace("_", "")
+    return next((k for k in SHIPPED_PROMPT_LISTS if k.replace("_", "") == wanted), None)
+
+
+def _file_prompts(path: Path, category: str | None) -> list[str]:
     path = path.expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"prompts={str(path)!r} is neither a shipped list {sorted(SHIPPED_PROMPT_LISTS)} nor an "
             "existing file; pass a .txt (one prompt per line) or a .csv/.tsv with a Prompt column."
         )
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() not in (".csv", ".tsv"):
+    return _parse(path.read_text(encoding="utf-8"), path.suffix, str(path), category)
+
+
+def _parse(text: str, suffix: str, name: str, category: str | None) -> list[str]:
+    suffix = suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        if category is not None:
+            raise ValueError(
+                f"{name} is a plain prompt list; category={category!r} needs a "
+                f".csv/.tsv with a {CATEGORY_COLUMN} column."
+            )
         return _text_prompts(text)
-    reader = csv.DictReader(
-        text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","
-    )
-    column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
+    if suffix == ".tsv":
+        reader = csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(text.splitlines())
+    fields = reader.fieldnames or []
+    column = next((c for c in PROMPT_COLUMNS if c in fields), None)
     if column is None:
         raise ValueError(
-            f"{path} has columns {reader.fieldnames}; none of {list(PROMPT_COLUMNS)} holds the prompts. "
+            f"{name} has columns {reader.fieldnames}; none of {list(PROMPT_COLUMNS)} holds the prompts. "
             "Rename the prompt column, or save the prompts as a .txt file, one per line."
         )
-    return [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    if category is not None and CATEGORY_COLUMN not in fields:
+        raise ValueError(f"{name} has no {CATEGORY_COLUMN} column to filter category={category!r}.")
+    wanted = category.strip().lower() if category is not None else None
+    return [
+        row[column].strip()
+        for row in reader
+        if (row.get(column) or "").strip()
+        and (wanted is None or (row.get(CATEGORY_COLUMN) or "").strip().lower() == wanted)
+    ]
 
 
 def _text_prompts(text: str) -> list[str]:
