@@ -165,7 +165,6 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     module = build(args, spec)
     module.train()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
-    generator = torch.Generator(device=args.device).manual_seed(0)
     image = args.latent * module.vae_scale_factor
     batch = {
         "pixel_values": torch.rand(
