@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast demo bench lint clean
+.PHONY: help install fashion-mnist test test-fast demo demo-no-anchor pretrain-demo bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,14 +20,44 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)  ## create .venv with torch, the package and all extras
 
-test: install  ## run the whole test suite (slow tests included)
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:  ## Fashion-MNIST for the demo and its tests (Debian's dataset-fashion-mnist)
+	@if [ -n "$$ACPO_FASHION_MNIST" ] || [ -d $(FASHION_DIR) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: install Debian's dataset-fashion-mnist, or put the four IDX files" \
+			"in a folder and set ACPO_FASHION_MNIST=<folder>"; exit 1; \
+	fi
+
+test: install fashion-mnist  ## run the whole test suite (slow tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install  ## run the tests that take a few seconds each
+test-fast: install fashion-mnist  ## run the tests that take a few seconds each
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: install  ## a short real ACPO run on CPU (tiny models until the embedded demo lands)
-	$(VENV)/bin/acpo fit --config configs/acpo.yaml --config configs/tiny.yaml --trainer.max_steps 20
+demo: install fashion-mnist  ## ACPO on the embedded Fashion-MNIST model, its w_perc=0 control, and the table (CPU, offline)
+	rm -rf outputs/demo outputs/demo_control
+	$(VENV)/bin/acpo fit --config configs/demo.yaml
+	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_control.yaml
+	$(PY) -m acpo_lightning.demo.evaluate --out outputs/demo \
+		--run ACPO=outputs/demo/lora/last --run control=outputs/demo_control/lora/last
+
+demo-no-anchor: install fashion-mnist  ## the demo with w_anchor 0 (for the report), evaluated beside the base
+	rm -rf outputs/demo_no_anchor
+	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_no_anchor.yaml
+	$(PY) -m acpo_lightning.demo.evaluate --out outputs/demo_no_anchor \
+		--run no-anchor=outputs/demo_no_anchor/lora/last
+
+pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from scratch (about 95 min on 2 CPU cores)
+	$(PY) -m acpo_lightning.demo.pretrain vae
+	$(PY) -m acpo_lightning.demo.pretrain classifier
+	$(PY) -m acpo_lightning.demo.pretrain evaluator
+	$(PY) -m acpo_lightning.demo.pretrain unet
+	$(PY) -m acpo_lightning.demo.pretrain guidance
+	$(PY) -m acpo_lightning.demo.pretrain check
 
 bench: install  ## step-cost benchmark (writes outputs/bench/)
 	$(PY) benchmarks/step_cost.py

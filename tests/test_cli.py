@@ -15,22 +15,24 @@ from acpo_lightning.cli import build_cli, main
 from conftest import CONFIGS
 
 #: Standalone configs, and each overlay with the config it is layered on.
-STANDALONE = ["acpo.yaml", "ddpm_church.yaml"]
+STANDALONE = ["acpo.yaml", "ddpm_church.yaml", "demo.yaml"]
 OVERLAYS = {"tiny.yaml": "acpo.yaml", "tiny_pixel.yaml": "ddpm_church.yaml"}
+#: Overlays of the embedded demo (trained in tests/test_demo.py, parsed here).
+DEMO_OVERLAYS = {"demo_control.yaml": "demo.yaml", "demo_no_anchor.yaml": "demo.yaml"}
 
 
 def _config_args(name: str) -> list[str]:
-    base = OVERLAYS.get(name)
+    base = {**OVERLAYS, **DEMO_OVERLAYS}.get(name)
     files = [base, name] if base else [name]
     return [arg for f in files for arg in ("--config", str(CONFIGS / f))]
 
 
 def test_every_config_is_covered_here() -> None:
     shipped = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert shipped == set(STANDALONE) | set(OVERLAYS)
+    assert shipped == set(STANDALONE) | set(OVERLAYS) | set(DEMO_OVERLAYS)
 
 
-@pytest.mark.parametrize("name", STANDALONE + list(OVERLAYS))
+@pytest.mark.parametrize("name", STANDALONE + list(OVERLAYS) + list(DEMO_OVERLAYS))
 def test_config_parses(name: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_config_args(name), "--print_config"])

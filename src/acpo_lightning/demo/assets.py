@@ -1,0 +1,73 @@
+"""Factories for the demo's shipped weights (YAML ``class_path`` targets; nothing is downloaded).
+
+The weights live in ``acpo_lightning/demo/weights/`` (``make pretrain-demo`` rebuilds them); each
+factory takes an optional ``path`` to use another copy, e.g. one retrained with other settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from acpo_lightning.demo.classifier import FashionClassifier
+from acpo_lightning.models.loading import ModelNotFoundError
+from acpo_lightning.quality.two_stream import TwoStreamIQA
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def demo_weights(part: str, path: str | Path | None = None) -> Path:
+    """The folder of one shipped part (``vae``, ``unet``, ``scheduler``, ``classifier``, ...).
+
+    Raises:
+        ModelNotFoundError: the folder does not exist (says how to rebuild it).
+    """
+    folder = Path(path) if path is not None else WEIGHTS_DIR / part
+    if not folder.is_dir():
+        raise ModelNotFoundError(
+            f"demo weights '{part}' not found at {folder}. They ship inside the acpo-lightning "
+            "package (reinstall it, or check that package_data includes demo/weights); rebuild "
+            f"them with `make pretrain-demo` (python -m acpo_lightning.demo.pretrain {part})."
+        )
+    return folder
+
+
+def load_demo_vae(path: str | None = None) -> nn.Module:
+    """The demo ``AutoencoderKL`` (32x32x3 <-> 8x8x4), frozen."""
+    return AutoencoderKL.from_pretrained(demo_weights("vae", path)).requires_grad_(False).eval()
+
+
+def load_demo_unet(path: str | None = None) -> nn.Module:
+    """The demo base ``UNet2DConditionModel`` (fp32; wrap it with ``models.add_lora``)."""
+    folder = demo_weights("unet", path)
+    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def load_demo_scheduler(path: str | None = None) -> DDPMScheduler:
+    """The demo's DDPM training schedule (scaled-linear betas, epsilon prediction)."""
+    return DDPMScheduler.from_pretrained(demo_weights("scheduler", path))
+
+
+def load_demo_sampler(path: str | None = None) -> DDIMScheduler:
+    """A DDIM sampler on the demo's schedule."""
+    return DDIMScheduler.from_pretrained(demo_weights("scheduler", path))
+
+
+def load_demo_guidance_head(path: str | None = None) -> TwoStreamIQA:
+    """The demo's guidance head: a :class:`TwoStreamIQA` trained on Fashion-MNIST (frozen)."""
+    return TwoStreamIQA.from_pretrained(demo_weights("guidance_iqa", path))
+
+
+def load_demo_classifier(path: str | None = None) -> FashionClassifier:
+    """The evaluator classifier (never used for guidance), frozen."""
+    return FashionClassifier.from_pretrained(demo_weights("classifier", path))
+
+
+def load_demo_evaluator(path: str | None = None) -> nn.Module:
+    """The independent quality evaluator (never used for guidance), frozen."""
+    from acpo_lightning.demo.evaluator import PatchQualityNet
+
+    return PatchQualityNet.from_pretrained(demo_weights("eval_iqa", path))

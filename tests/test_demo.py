@@ -1,0 +1,214 @@
+"""The embedded demo: Fashion-MNIST loading, captions, shipped weights and a smoke fit of demo.yaml."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from acpo_lightning.demo import fashion
+from acpo_lightning.demo.fashion import (
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    FashionMNISTDataModule,
+    FashionMNISTNotFoundError,
+    all_captions,
+    caption,
+    find_fashion_mnist,
+    load_fashion_mnist,
+)
+from conftest import CONFIGS
+
+WEIGHTS = fashion.Path(__file__).resolve().parents[1] / "src/acpo_lightning/demo/weights"
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path, monkeypatch):
+    """A fake Fashion-MNIST folder (IDX files of random images) selected through the env var."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 20)):
+        _write_idx(
+            tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28))
+        )
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path))
+    return tmp_path
+
+
+def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(fashion.ENV_VAR, raising=False)
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(FashionMNISTNotFoundError) as info:
+        find_fashion_mnist(tmp_path / "empty")
+    message = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "torchvision" in message and fashion.ENV_VAR in message
+    with pytest.raises(FashionMNISTNotFoundError):
+        FashionMNISTDataModule(root=str(tmp_path / "empty"))
+
+
+def test_idx_images_are_padded_to_32_in_minus_one_one(tiny_fashion) -> None:
+    images, labels = load_fashion_mnist("test")
+    assert images.shape == (20, 3, 32, 32) and labels.tolist() == [i % 10 for i in range(20)]
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.all(images[:, :, :2] == -1) and torch.all(images[:, :, :, -2:] == -1)
+    assert torch.equal(images[:, 0], images[:, 2])  # grayscale in three channels
+    with gzip.open(tiny_fashion / "t10k-images-idx3-ubyte.gz") as handle:
+        raw = handle.read()[16:]
+    assert images[0, 0, 2, 2].item() == pytest.approx(raw[0] / 127.5 - 1)
+
+
+def test_captions_use_the_class_and_held_out_wordings_never_train() -> None:
+    assert caption(9, template=1, synonym=0) == "a product shot of an ankle boot"
+    train = {c for _, c in all_captions("train")}
+    heldout = {c for _, c in all_captions("heldout")}
+    assert not train & heldout and not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+    assert len(train) == 10 * len(TRAIN_TEMPLATES) * 3
+
+
+def test_datamodule_batches_prompts_images_and_labels(tiny_fashion) -> None:
+    data = FashionMNISTDataModule(batch_size=8, val_size=4)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and len(batch["prompts"]) == 8
+    for prompt, label in zip(batch["prompts"], batch["labels"].tolist(), strict=True):
+        assert prompt in {c for lab, c in all_captions("train") if lab == label}
+    val = next(iter(data.val_dataloader()))
+    assert all(p in {c for _, c in all_captions("heldout")} for p in val["prompts"])
+
+
+def test_minilm_loads_offline_with_the_demo_prompt_length() -> None:
+    from acpo_lightning.demo import load_minilm, load_minilm_tokenizer
+
+    tokenizer, encoder = load_minilm_tokenizer(), load_minilm()
+    longest = max(
+        len(tokenizer(c).input_ids) for _, c in all_captions("train") + all_captions("heldout")
+    )
+    assert longest <= tokenizer.model_max_length == 16
+    ids = tokenizer(
+        ["a sneaker"], padding="max_length", max_length=16, return_tensors="pt"
+    ).input_ids
+    assert encoder(ids)[0].shape == (1, 16, 384)
+
+
+# ------------------------------------------------------------------------------ shipped weights
+def _manifest() -> dict:
+    path = WEIGHTS / "manifest.json"
+    if not path.exists():
+        pytest.skip("demo weights not built (make pretrain-demo)")
+    return json.loads(path.read_text())
+
+
+def test_manifest_records_how_each_shipped_model_was_made() -> None:
+    manifest = _manifest()
+    for part in ("vae", "unet", "classifier", "guidance_iqa", "eval_iqa"):
+        assert part in manifest and "command" in manifest[part], part
+        assert (WEIGHTS / part).is_dir(), part
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert size < 40e6
+
+
+@pytest.mark.slow
+def test_shipped_vae_and_classifier_reproduce_their_figures() -> None:
+    from acpo_lightning.demo import load_demo_classifier, load_demo_vae
+    from acpo_lightning.demo.pretrain import classifier_accuracy, vae_recon_mse
+
+    manifest = _manifest()
+    test, labels = load_fashion_mnist("test")
+    mse = vae_recon_mse(load_demo_vae(), test[:200])
+    assert mse == pytest.approx(manifest["vae"]["test_recon_mse"], rel=0.25)
+    accuracy = classifier_accuracy(load_demo_classifier(), test[:1000], labels[:1000])
+    assert accuracy == pytest.approx(manifest["classifier"]["test_accuracy"], abs=0.03)
+
+
+@pytest.mark.slow
+def test_shipped_quality_models_reproduce_their_srocc() -> None:
+    from acpo_lightning.demo import load_demo_evaluator, load_demo_guidance_head
+    from acpo_lightning.demo.evaluator import ladders
+    from acpo_lightning.demo.pretrain import ladder_srocc
+    from acpo_lightning.quality.iqa_data import SyntheticDistortionDataset
+
+    manifest = _manifest()
+    test, _ = load_fashion_mnist("test")
+    real = (test[:60] + 1) / 2
+    value = ladder_srocc(load_demo_evaluator(), real, lambda x, g: ladders(x, 4, g))
+    assert value == pytest.approx(manifest["eval_iqa"]["test_ladder_srocc"], abs=0.08)
+    synthetic = SyntheticDistortionDataset(real[:30], size=32, levels=4, seed=2)
+    stacks = torch.stack([synthetic[i]["images"] for i in range(len(synthetic))])
+    targets = torch.stack([synthetic[i]["target"] for i in range(len(synthetic))])
+    from acpo_lightning.demo.pretrain import srocc
+
+    with torch.no_grad():
+        value = srocc(load_demo_guidance_head()(stacks.flatten(0, 1)), targets.flatten())
+    assert value == pytest.approx(manifest["guidance_iqa"]["test_ladder_srocc"], abs=0.08)
+
+
+# --------------------------------------------------------------------------------- smoke run
+@pytest.mark.slow
+def test_demo_config_fits_a_few_rollout_steps_and_exports_the_lora(tiny_fashion, tmp_path) -> None:
+    _manifest()
+    from acpo_lightning.cli import main
+    from acpo_lightning.demo.evaluate import lora_layout
+
+    out = tmp_path / "run"
+    main([
+        "fit", "--config", str(CONFIGS / "demo.yaml"),
+        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out),
+        "--trainer.callbacks.init_args.dirpath", str(out / "lora"),
+        "--model.rollout_steps", "4", "--model.k_late", "2", "--model.rollout_batch_size", "2",
+        "--data.init_args.batch_size", "4",
+    ])  # fmt: skip
+    rank, targets = lora_layout(out / "lora" / "last")
+    assert rank == 8 and {"to_q", "conv1"} <= set(targets)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def test_heldout_evaluation_prompts_cover_every_class_with_unseen_wordings() -> None:
+    from acpo_lightning.demo.evaluate import heldout_prompts
+
+    prompts, labels = heldout_prompts(per_class=2)
+    assert sorted(set(labels)) == list(range(10)) and len(prompts) == 20
+    assert not set(prompts) & {c for _, c in all_captions("train")}
+
+
+def test_mean_ci_is_the_student_t_interval() -> None:
+    from acpo_lightning.demo.evaluate import mean_ci
+
+    mean, half = mean_ci(torch.tensor([1.0, 2.0, 3.0]))
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 / 3**0.5, rel=1e-3)
+
+
+def test_classifier_features_feed_torchmetrics_kid() -> None:
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from acpo_lightning.demo.classifier import ClassifierFeatures, FashionClassifier
+
+    torch.manual_seed(0)
+    net = FashionClassifier(width=8, feature_dim=16).requires_grad_(False).eval()
+    extractor = ClassifierFeatures(net)
+    features = extractor(torch.rand(4, 3, 32, 32))
+    assert features.norm(dim=1).tolist() == pytest.approx([4.0] * 4, rel=1e-4)
+    kid = KernelInceptionDistance(feature=extractor, subset_size=8, subsets=4)
+    same = torch.rand(16, 3, 32, 32)
+    kid.update(same, real=True)
+    kid.update(same, real=False)
+    assert abs(float(kid.compute()[0])) < 1e-3
+
+
+@pytest.mark.slow
+def test_shipped_base_model_follows_held_out_prompts() -> None:
+    from acpo_lightning.demo.pretrain import base_consistency
+
+    recorded = _manifest()["base_checks"]["base_cfg3"]["consistency"]
+    measured = base_consistency(None, seeds=1, guidance_scale=3.0)  # 20 images
+    assert measured["consistency"] >= recorded - 0.2  # binomial noise of 20 images
