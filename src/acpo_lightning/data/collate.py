@@ -7,10 +7,12 @@ tokenizer is given, padded and truncated to the text encoder's maximum length ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)) as model_max_length.
 _UNSET_LIMIT = 1_000_000
@@ -91,3 +93,28 @@ def collate_prompt_images(
     if tokenizer is not None:
         batch.update(tokenize_prompts(tokenizer, batch["prompts"], max_length))
     return batch
+
+
+def seeded_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    collate_fn: Callable[[list[dict]], dict],
+    num_workers: int = 0,
+    **loader_kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` whose shuffle order is drawn from a generator seeded with ``seed``.
+
+    Shared by the DataModules so that every one of them orders its batches the same way.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        **loader_kwargs,
+    )

@@ -13,7 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning.data.collate import collate_prompt_images, tokenizer_max_length
+from acpo_lightning.data.collate import (
+    collate_prompt_images,
+    seeded_loader,
+    tokenizer_max_length,
+)
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
 from acpo_lightning.data.images import BadSampleError, SampleProblem
 from acpo_lightning.data.sources import (
@@ -259,17 +263,17 @@ class PromptImageDataModule(pl.LightningDataModule):
                 "PromptImageDataModule: call setup() before asking for loaders "
                 "(the Trainer does it for you)"
             )
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            seed=self.seed,
             collate_fn=functools.partial(
                 collate_prompt_images, tokenizer=self.tokenizer, max_length=self.max_length
             ),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
         )
 
     def train_dataloader(self) -> DataLoader:

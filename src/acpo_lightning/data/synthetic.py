@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import collate_prompt_images
+from acpo_lightning.data.collate import collate_prompt_images, seeded_loader
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -101,13 +101,13 @@ class ShapesDataModule(pl.LightningDataModule):
         self.val_set = ShapesDataset(val_size, image_size, seed + 1)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
+            seed=self.hparams.seed,
             collate_fn=collate_prompt_images,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import collate_prompt_images
+from acpo_lightning.data.collate import collate_prompt_images, seeded_loader
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -230,13 +230,13 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             self.val_set = FashionCaptionDataset(images[:n], labels[:n], "heldout", hp.seed + 1)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
+            seed=self.hparams.seed,
             collate_fn=collate_fashion,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
