@@ -179,6 +179,7 @@ class ACPOModule(pl.LightningModule):
         self.register_buffer("drift_ema", torch.tensor(0.0))
         self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
         self._null_embedding: Tensor | None = None
+        self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         self.strict_loading = (
             False  # frozen weights are not in our checkpoints (see on_save_checkpoint)
         )
@@ -262,13 +263,15 @@ class ACPOModule(pl.LightningModule):
     def score_images(self, images: Tensor, prompts: Sequence[str] | None) -> Tensor:
         """Raw quality scores of ``images`` (checkpointed when gradient checkpointing is on)."""
         prompts = list(prompts) if prompts is not None else None
-        if (
-            getattr(self, "_checkpoint_head", False)
-            and torch.is_grad_enabled()
-            and images.requires_grad
-        ):
+        if self._checkpoint_head and torch.is_grad_enabled() and images.requires_grad:
             return checkpoint(self.quality_head, images, prompts, use_reentrant=False)
         return self.quality_head(images, prompts)
+
+    def normalized_quality(self, x0_hat: Tensor, prompts: Sequence[str] | None) -> Tensor:
+        """Decode x0 estimates and score them: higher is better, 1.0 = the head's nominal span."""
+        raw = self.score_images(self.decode(x0_hat), prompts)
+        head = self.quality_head
+        return losses.normalize_score(raw, head.higher_is_better, head.score_range)
 
     @property
     def latent_channels(self) -> int:
@@ -452,11 +455,7 @@ class ACPOModule(pl.LightningModule):
             timesteps[:count],
             self.prediction_type,
         )
-        images = self.decode(x0_hat)
-        raw = self.score_images(images, prompts[:count] if prompts is not None else None)
-        scores = losses.normalize_score(
-            raw, self.quality_head.higher_is_better, self.quality_head.score_range
-        )
+        scores = self.normalized_quality(x0_hat, prompts[:count] if prompts is not None else None)
         return scores, losses.late_mask(timesteps[:count], self.hparams.tau)
 
     def _update_anchor_weight(self, drift: Tensor) -> None:

@@ -110,9 +110,7 @@ def rollout_terms(
     x0_hat = losses.predicted_original(
         latents, pred.float(), run.scheduler.alphas_cumprod, timesteps, module.prediction_type
     )
-    raw = module.score_images(module.decode(x0_hat), prompts)
-    head = module.quality_head
-    scores = losses.normalize_score(raw, head.higher_is_better, head.score_range)
+    scores = module.normalized_quality(x0_hat, prompts)
     perc = losses.perceptual_loss(scores, losses.late_mask(timesteps, hp.tau))
     return RolloutTerms(
         anchor=anchor, perc=perc, iqa=scores.detach().mean(), timestep=timestep.float()
