@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -18,16 +19,23 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning import losses
+from acpo_lightning.checkpoint_io import use_safe_checkpoint_io
 from acpo_lightning.models.lora import adapters_disabled, has_lora, load_lora, save_lora
 from acpo_lightning.quality.base import check_quality_head
 from acpo_lightning.rollout import check_rollout_settings, rollout_terms
 from acpo_lightning.sampling import denoise, initial_noise, per_sample_generators
 
+log = logging.getLogger(__name__)
+
 # Frozen parts are in eval mode on purpose (see ACPOModule.train); Lightning's notice is noise here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 #: Non-parameter state that trains (constraint mode) and therefore goes into checkpoints.
-_TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps")
+_TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps", "skipped_steps")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
 
 
 class ACPOModule(pl.LightningModule):
@@ -84,6 +92,12 @@ class ACPOModule(pl.LightningModule):
         compile_unet: ``torch.compile`` the policy UNet in place (``nn.Module.compile``: parameter
             names, checkpoints and LoRA exports are unchanged; the first steps pay the compile time).
         compile_backend: ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
+        skip_nonfinite: skip the optimizer step (no weight or optimizer-state change) when the loss
+            or a gradient is not finite; skips are counted in ``train/skipped_steps`` and each is
+            logged with the offending term. Costs one host sync per step. Under fp16 mixed
+            precision the GradScaler keeps handling overflowing gradients; the guard adds the loss.
+        max_consecutive_skips: stop the run with :class:`NonFiniteTrainingError` after this many
+            consecutive skipped steps.
 
     Example:
         >>> from acpo_lightning import testing as T
@@ -134,6 +148,8 @@ class ACPOModule(pl.LightningModule):
         channels_last: bool = False,
         compile_unet: bool = False,
         compile_backend: str = "inductor",
+        skip_nonfinite: bool = True,
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -178,6 +194,10 @@ class ACPOModule(pl.LightningModule):
         self.register_buffer("w_anchor_state", torch.tensor(float(w_anchor)))
         self.register_buffer("drift_ema", torch.tensor(0.0))
         self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        self._consecutive_skips = 0
+        self._step_terms: dict[str, Tensor] = {}
+        self._skip_reason: str | None = None
         self._null_embedding: Tensor | None = None
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         self.strict_loading = (
@@ -209,6 +229,11 @@ class ACPOModule(pl.LightningModule):
         if not 0.0 <= hp.rollout_ratio <= 1.0:
             raise ValueError(
                 f"rollout_ratio={hp.rollout_ratio} must be in [0, 1] (share of rollout steps)."
+            )
+        if hp.max_consecutive_skips < 1:
+            raise ValueError(
+                f"max_consecutive_skips={hp.max_consecutive_skips} must be >= 1 (e.g. 10); set "
+                "skip_nonfinite: false to turn the non-finite guard off."
             )
         if hp.anchor_mode == "constraint" and hp.anchor_delta <= 0:
             raise ValueError(
@@ -248,7 +273,13 @@ class ACPOModule(pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        """Check the quality head's contract on a probe batch before any step runs."""
+        """Check the quality head's contract on a probe batch before any step runs.
+
+        Also makes the Trainer write checkpoints atomically and load them with
+        ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`).
+        """
+        if self._trainer is not None:
+            use_safe_checkpoint_io(self.trainer)
         check_quality_head(self.quality_head, self.image_size, self.device)
         if self.hparams.gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -464,14 +495,16 @@ class ACPOModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             drift = self.trainer.strategy.reduce(drift, reduce_op="mean")
         # tensor arithmetic only: no host sync (the first update takes the drift as it is)
+        # a non-finite drift (a step the guard will skip) leaves the dual state as it is
+        finite = torch.isfinite(drift)
         beta = (self.drift_ema_steps > 0).to(drift.dtype) * self.hparams.drift_ema
-        self.drift_ema.copy_(beta * self.drift_ema + (1 - beta) * drift)
-        self.drift_ema_steps += 1
-        self.w_anchor_state.copy_(
-            losses.dual_ascent_step(
-                self.w_anchor_state, self.drift_ema, self.hparams.anchor_delta, self.hparams.dual_lr
-            )
+        ema = beta * self.drift_ema + (1 - beta) * torch.where(finite, drift, 0.0)
+        self.drift_ema.copy_(torch.where(finite, ema, self.drift_ema))
+        self.drift_ema_steps += finite.long()
+        updated = losses.dual_ascent_step(
+            self.w_anchor_state, self.drift_ema, self.hparams.anchor_delta, self.hparams.dual_lr
         )
+        self.w_anchor_state.copy_(torch.where(finite, updated, self.w_anchor_state))
 
     def _log_terms(
         self, stage: str, terms: losses.ACPOTerms, stats: dict[str, float], size: int
@@ -524,6 +557,12 @@ class ACPOModule(pl.LightningModule):
             self._update_anchor_weight(terms.anchor)
         size = len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["prompts"])
         self._log_terms("train", terms, stats, size)
+        self._step_terms = {
+            "loss": terms.loss.detach(),
+            "loss_diff": terms.diff.detach(),
+            "loss_anchor": terms.anchor.detach(),
+            "loss_perc": terms.perc.detach(),
+        }
         return terms.loss
 
     def _is_rollout_step(self, generator: torch.Generator) -> bool:
@@ -594,6 +633,76 @@ class ACPOModule(pl.LightningModule):
         prompts = list(batch["prompts"])
         images = self.generate(prompts, seed=self.hparams.seed + batch_idx * len(prompts))
         return {"prompts": prompts, "images": images}
+
+    # ------------------------------------------------------------------ non-finite guard
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Run forward and backward, then step only if the loss and every gradient are finite.
+
+        A skipped step changes no weight and no optimizer state (the step counter and the LR
+        schedule still advance, so per-step randomness and resumes stay aligned).
+        """
+        if not self.hparams.skip_nonfinite or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        result = optimizer_closure()
+        reason = self._nonfinite_reason(result)
+        if reason is None:
+            self._consecutive_skips = 0
+            self._skip_reason = None
+            optimizer.step(closure=lambda: result)
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self._skip_reason = reason
+        log.warning(
+            "step %d skipped: non-finite %s (%d consecutive, %d in all)",
+            self.global_step,
+            reason,
+            self._consecutive_skips,
+            int(self.skipped_steps),
+        )
+        if self._consecutive_skips >= self.hparams.max_consecutive_skips:
+            raise NonFiniteTrainingError(
+                f"stopped at step {self.global_step}: {self._consecutive_skips} consecutive steps had a "
+                f"non-finite {reason}, so no weight was updated. Likely causes: a learning rate too "
+                "high (lower optimizer.init_args.lr), fp16 overflow (use precision bf16-mixed or "
+                "32-true), or a quality head returning NaN/inf or scores far outside its "
+                "score_range (check the head on your images). Resume from the last checkpoint "
+                "after the fix; it holds no non-finite weight."
+            )
+        return None
+
+    def _nonfinite_reason(self, loss: Tensor | None) -> str | None:
+        """``None`` when the step is finite, else the name of the offending term (one host sync)."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        checks = [torch.isfinite(loss).all()] if loss is not None else []
+        if grads:
+            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        finite = torch.stack(checks).all() if checks else torch.tensor(True, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # one decision for every rank: a rank that stepped alone would leave the others behind
+            bad = self.trainer.strategy.reduce((~finite).float(), reduce_op="sum")
+            finite = bad == 0
+        if bool(finite):
+            return None
+        for name, value in self._step_terms.items():  # the slow path: find the culprit
+            if name != "loss" and not bool(torch.isfinite(value).all()):
+                return f"train/{name}"
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            return "train/loss"
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        culprit = next((n for n, g in named if not bool(torch.isfinite(g).all())), None)
+        return f"gradient of {culprit}" if culprit else "loss on another process"
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.hparams.skip_nonfinite:
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -3,17 +3,22 @@
 Everything here builds the *real* classes (diffusers ``UNet2DConditionModel``, ``AutoencoderKL``,
 transformers ``CLIPTextModel`` / ``CLIPTokenizer``) at toy sizes, seeded, on the CPU, with no
 download. They are usable as YAML ``class_path`` targets, which is how ``configs/tiny.yaml`` swaps
-every model of ``configs/acpo.yaml`` for an offline one.
+every model of ``configs/acpo.yaml`` for an offline one. ``KillAtStep`` and ``InjectNonFinite``
+are fault-injection callbacks for the reliability tests.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -219,3 +224,38 @@ class TinyQualityHead(QualityHead):
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         features = self.features(images * 2 - 1).mean(dim=(2, 3))
         return torch.tanh(self.fc(features)).squeeze(1)
+
+
+class KillAtStep(Callback):
+    """Fault injection: ``SIGKILL`` this process at the end of global step ``step``.
+
+    Lightning runs checkpoint callbacks last, so a checkpoint due at ``step`` is not written: the
+    run dies as a pre-empted job does, with only the earlier checkpoints on disk.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectNonFinite(Callback):
+    """Fault injection: make the quality head return NaN (or inf) at the given global steps."""
+
+    def __init__(self, steps: list[int], value: float = float("nan")) -> None:
+        self.steps, self.value = set(steps), value
+        self._handle: Any = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step in self.steps and self._handle is None:
+            value = self.value
+            self._handle = pl_module.quality_head.register_forward_hook(
+                lambda module, args, output: output + value
+            )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

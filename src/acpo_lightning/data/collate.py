@@ -7,12 +7,17 @@ tokenizer is given, padded and truncated to the text encoder's maximum length ``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+# torchdata 0.11's worker loop calls a PyTorch helper deprecated in 2.9+; the notice is not ours.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)) as model_max_length.
 _UNSET_LIMIT = 1_000_000
@@ -104,12 +109,16 @@ def seeded_loader(
     collate_fn: Callable[[list[dict]], dict],
     num_workers: int = 0,
     **loader_kwargs: Any,
-) -> DataLoader:
-    """A ``DataLoader`` whose shuffle order is drawn from a generator seeded with ``seed``.
+) -> StatefulDataLoader:
+    """A resumable ``DataLoader`` whose shuffle order is drawn from a generator seeded with ``seed``.
 
-    Shared by the DataModules so that every one of them orders its batches the same way.
+    Shared by the DataModules so that every one of them orders its batches the same way. It is
+    torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
+    generator's state and the position within the epoch) in every checkpoint and restores it on
+    ``--ckpt_path``, so a resumed run sees exactly the batches an uninterrupted run would.
+    Each epoch draws a fresh permutation from the same generator.
     """
-    return DataLoader(
+    return ResumableDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -118,3 +127,23 @@ def seeded_loader(
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         **loader_kwargs,
     )
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` that also resumes cleanly from the end of an epoch.
+
+    Lightning checkpoints after a step, when the last batch of an epoch has been yielded but the
+    iterator has not yet raised ``StopIteration``; ``StatefulDataLoader`` then restores an
+    exhausted epoch, which Lightning counts as one more (empty) epoch, shifting epoch numbers (and,
+    under DDP, the ``DistributedSampler`` order) against an uninterrupted run. Marking such a state
+    finished makes the next ``iter()`` start the following epoch, with the shuffle generator where
+    the uninterrupted run has it.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            main = state_dict.get("_snapshot", {}).get("_main_snapshot", state_dict)
+            yielded = main.get("_sampler_iter_yielded")
+            if yielded is not None and yielded >= len(self):
+                state_dict = {**state_dict, "_iterator_finished": True}
+        super().load_state_dict(state_dict)

@@ -1,0 +1,131 @@
+"""Checkpoint files that survive a kill and never unpickle code: :class:`SafeCheckpointIO`.
+
+Lightning's default ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary
+file lives in the system temp folder, so the final move can be a copy (not atomic) and nothing is
+fsynced. Here a checkpoint is written to a temporary file beside its target, flushed to disk and
+renamed over it (``os.replace`` is atomic on POSIX and Windows), so a kill or a full disk during a
+write leaves the previous checkpoint as it was. Loads use ``torch.load(weights_only=True)``: a
+checkpoint holding anything but tensors and plain containers is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous file at that path is untouched."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickled Python objects that a ``weights_only`` load refuses."""
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, fsynced checkpoint writes and ``weights_only`` loads for local paths.
+
+    Configure it as a Trainer plugin (``configs/acpo.yaml`` does)::
+
+        trainer:
+          plugins:
+            - class_path: acpo_lightning.checkpoint_io.SafeCheckpointIO
+
+    or ``Trainer(plugins=[SafeCheckpointIO()])`` in Python.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"SafeCheckpointIO takes no storage_options (got {storage_options!r}); use "
+                "Lightning's TorchCheckpointIO for remote storage."
+            )
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+            _fsync_directory(path.parent)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            previous = "the previous checkpoint there is intact" if path.exists() else "no file was left"
+            reason = error.strerror or str(error)
+            code = errno.errorcode.get(error.errno or 0, "")
+            hint = (
+                "free disk space or point ModelCheckpoint's dirpath at a larger disk"
+                if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                else "make the folder writable or point ModelCheckpoint's dirpath elsewhere"
+            )
+            raise CheckpointWriteError(
+                error.errno,
+                f"could not write checkpoint {path}: {reason}{f' ({code})' if code else ''}; "
+                f"{previous}. Fix: {hint}, then resume with --ckpt_path last",
+            ) from error
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise UnsafeCheckpointError(
+                f"weights_only=False was asked for {path}, but SafeCheckpointIO never unpickles "
+                "Python objects from a file; drop --weights_only false (our checkpoints need none)."
+            )
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} (check --ckpt_path)")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects that a weights_only load refuses "
+                f"({first_line}). acpo loads checkpoints with weights_only=True only; save "
+                "tensors and plain containers (ACPOModule's checkpoints are), or export the LoRA "
+                "with `acpo export` from a trusted environment."
+            ) from error
+        except (RuntimeError, EOFError) as error:  # torch's zip reader on a truncated file
+            raise UnsafeCheckpointError(
+                f"{path} is truncated or not a PyTorch checkpoint ({error}); resume from an "
+                "earlier checkpoint (ModelCheckpoint keeps top-k beside last.ckpt)."
+            ) from error
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename on POSIX (directories cannot be opened for fsync on Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def use_safe_checkpoint_io(trainer: Any) -> None:
+    """Swap the Trainer's default ``TorchCheckpointIO`` for :class:`SafeCheckpointIO`.
+
+    Called by ``ACPOModule.setup``, which runs before Lightning restores ``--ckpt_path``, so every
+    run of the module, from the CLI or a user's own ``Trainer``, writes atomically and loads with
+    ``weights_only=True``. A CheckpointIO the user configured (any other class) is left alone.
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = SafeCheckpointIO()
