@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +59,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
             _fsync_directory(path.parent)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
-            previous = "the previous checkpoint there is intact" if path.exists() else "no file was left"
-            reason = error.strerror or str(error)
-            code = errno.errorcode.get(error.errno or 0, "")
-            hint = (
-                "free disk space or point ModelCheckpoint's dirpath at a larger disk"
-                if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-                else "make the folder writable or point ModelCheckpoint's dirpath elsewhere"
-            )
-            raise CheckpointWriteError(
-                error.errno,
-                f"could not write checkpoint {path}: {reason}{f' ({code})' if code else ''}; "
-                f"{previous}. Fix: {hint}, then resume with --ckpt_path last",
-            ) from error
+            # torch.save reports a failed write of its zip writer as a RuntimeError ("unexpected
+            # pos"), with the OSError (ENOSPC, EFBIG, ...) as its context
+            cause = _os_error_in(error)
+            if cause is None:
+                raise
+            raise _write_error(path, cause) from error
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -94,18 +88,63 @@ class SafeCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects that a weights_only load refuses "
-                f"({first_line}). acpo loads checkpoints with weights_only=True only; save "
-                "tensors and plain containers (ACPOModule's checkpoints are), or export the LoRA "
-                "with `acpo export` from a trusted environment."
+                f"({refusal_reason(error)}); nothing in it was run. acpo loads checkpoints with "
+                "weights_only=True only. Fix: use a checkpoint written by `acpo fit` (tensors and "
+                "plain containers only); if you trust this file, re-save its tensors without the "
+                "Python objects in an environment you trust."
             ) from error
         except (RuntimeError, EOFError) as error:  # torch's zip reader on a truncated file
+            first = str(error).strip().split(". ")[0] or type(error).__name__
             raise UnsafeCheckpointError(
-                f"{path} is truncated or not a PyTorch checkpoint ({error}); resume from an "
+                f"{path} is truncated or not a PyTorch checkpoint ({first}). Fix: resume from an "
                 "earlier checkpoint (ModelCheckpoint keeps top-k beside last.ckpt)."
             ) from error
+
+
+def refusal_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names the object (``Unsupported global: GLOBAL exec ...``).
+
+    The rest of torch's message explains how to load the file anyway, which is what we refuse.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """``error`` itself if it is an ``OSError``, else the first one it was raised from or during."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
+    previous = "the previous checkpoint there is intact" if path.exists() else "no file was left"
+    reason = error.strerror or str(error)
+    code = errno.errorcode.get(error.errno or 0, "")
+    if error.errno == errno.EFBIG:
+        hint = (
+            "raise the file-size limit (`ulimit -f`) or point ModelCheckpoint's dirpath at a "
+            "file system that takes larger files"
+        )
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free disk space or point ModelCheckpoint's dirpath at a larger disk"
+    else:
+        hint = "make the folder writable or point ModelCheckpoint's dirpath elsewhere"
+    return CheckpointWriteError(
+        error.errno,
+        f"could not write checkpoint {path}: {reason}{f' ({code})' if code else ''}; "
+        f"{previous}. Fix: {hint}, then resume with --ckpt_path last",
+    )
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -8,48 +8,232 @@ that installs a script of the same name.
 ``acpo export --ckpt ... --out ...`` (see :mod:`acpo_lightning.export`) is dispatched before
 LightningCLI, whose subcommands are the ``Trainer``'s methods. ``fit`` also saves its config next
 to every ``ModelCheckpoint``'s checkpoints, where ``acpo export`` looks for it.
+
+**Errors the user can fix end in one line**, ``acpo: error: <what, which value, the fix>``, and a
+non-zero exit: 2 when the input is wrong (a bad value, missing weights or data, a checkpoint that
+is refused, an output folder that cannot be written), found before or at set-up, so nothing ran;
+1 when a run stops part-way (a checkpoint that could not be written, too many non-finite steps),
+after which ``--ckpt_path last`` resumes. ``ACPO_DEBUG=1`` raises the exception instead. Before
+``fit`` every output folder is created and a probe file written and deleted in it, so a folder
+that cannot be written fails before any model weight is touched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from acpo_lightning.module import ACPOModule
+from acpo_lightning.checkpoint_io import (
+    CheckpointWriteError,
+    SafeCheckpointIO,
+    UnsafeCheckpointError,
+    refusal_reason,
+)
+from acpo_lightning.data.images import BadSampleError
+from acpo_lightning.module import ACPOModule, NonFiniteTrainingError
+
+#: Exit status of input errors (argparse's for usage errors) and of runs stopped part-way.
+EXIT_INPUT, EXIT_RUN = 2, 1
+#: Hooks where an exception is about the user's configuration or data, not a bug of the step.
+_SETUP_HOOKS = frozenset({"prepare_data", "setup", "configure_optimizers", "on_load_checkpoint"})
+_SETUP_ERRORS = (ValueError, TypeError, OSError, ImportError)
+#: Errors that always speak to the user, wherever they are raised.
+_INPUT_ERRORS = (
+    BadSampleError,
+    UnsafeCheckpointError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+#: ``--ckpt_path`` values that Lightning resolves itself (also ``registry:...`` and URLs).
+_CKPT_KEYWORDS = frozenset({"last", "best", "hpc", "registry"})
+
+
+class OutputFolderError(OSError):
+    """An output folder (checkpoints, LoRA exports, logs) cannot be created or written."""
+
+
+def fail(error: BaseException, code: int = EXIT_INPUT) -> NoReturn:
+    """End the command with one ``acpo: error:`` line (re-raise ``error`` under ``ACPO_DEBUG``).
+
+    Call it inside the ``except`` block that caught ``error``.
+
+    Raises:
+        SystemExit: with ``code``.
+    """
+    if os.environ.get("ACPO_DEBUG"):
+        raise error
+    print(f"acpo: error: {describe(error)}\n(set ACPO_DEBUG=1 for the traceback)", file=sys.stderr)
+    raise SystemExit(code) from error
+
+
+def describe(error: BaseException) -> str:
+    """The message of ``error``, without ``[Errno N]``; a bare OS error gets its path and a fix."""
+    text = str(error).strip() or type(error).__name__
+    if not (isinstance(error, OSError) and text.startswith("[Errno")):
+        return text
+    if error.filename:
+        return f"{error.filename}: {_os_reason(error)}. Fix: {_os_fix(error, 'the path')}"
+    return error.strerror or text  # OSError(errno, message) of ours: the message alone
+
+
+def _os_reason(error: OSError) -> str:
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{error.strerror} (a part of the path is a file, not a folder)"
+    return error.strerror or str(error)
+
+
+def _os_fix(error: OSError, setting: str) -> str:
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"move the file out of the way or set {setting} to another folder"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make the folder writable for this user (chmod/chown) or set {setting} to a folder you can write"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"free disk space or set {setting} to a folder on a larger disk"
+    return f"check {setting}"
+
+
+def check_writable(folder: str | Path, setting: str) -> None:
+    """Create ``folder`` and write, then delete, a probe file in it.
+
+    ``os.access`` is not enough: it says yes to root whatever the mode, and knows nothing of
+    read-only mounts, quotas or a file where a folder should be.
+
+    Args:
+        folder: the folder the run will write to.
+        setting: the config setting it comes from, for the message.
+
+    Raises:
+        OutputFolderError: the folder cannot be created or written; the message names it and the fix.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".acpo-write-check-") as probe:
+            probe.write(b"ok")
+            probe.flush()
+    except OSError as error:
+        raise OutputFolderError(
+            error.errno,
+            f"cannot write to the output folder {folder} ({setting}): {_os_reason(error)}. "
+            f"Fix: {_os_fix(error, setting)}",
+        ) from error
+
+
+def output_folders(trainer: pl.Trainer) -> dict[Path, str]:
+    """Every folder ``fit`` will write to, with the setting that names it.
+
+    Each callback's ``dirpath`` (``ModelCheckpoint``, ``LoRAExportCallback``, ...; when unset,
+    where Lightning puts it) and each logger's ``save_dir``.
+    """
+    root = trainer.loggers[0].save_dir if trainer.loggers else None
+    root = root or trainer.default_root_dir
+    folders: dict[Path, str] = {}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "dirpath"):
+            name = type(callback).__name__
+            dirpath = callback.dirpath or root
+            folders.setdefault(Path(dirpath), f"the {name} callback's dirpath in trainer.callbacks")
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            name = type(logger).__name__
+            folders.setdefault(Path(logger.save_dir), f"the {name}'s save_dir in trainer.logger")
+    return folders
+
+
+def _raised_in_setup(error: BaseException, owners: list[Any]) -> bool:
+    """Whether ``error`` came out of a set-up hook (``setup``, ``prepare_data``, ...) of ``owners``."""
+    owners = [owner for owner in owners if owner is not None]
+    return any(
+        frame.f_code.co_name in _SETUP_HOOKS
+        and any(frame.f_locals.get("self") is owner for owner in owners)
+        for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
 
 
 class ACPOCLI(LightningCLI):
-    """LightningCLI whose set-up errors (bad values, missing weights) end in one clear line.
+    """LightningCLI whose errors that the user can fix end in one clear line (see the module doc).
 
     Example:
         ``acpo fit --config configs/acpo.yaml --config configs/tiny.yaml --trainer.max_steps 10``
     """
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyper-parameters (``weights_only``) before anything else."""
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            try:  # the same load, explained: which file, why it is refused, what to do
+                SafeCheckpointIO().load_checkpoint(path, map_location="cpu")
+            except (UnsafeCheckpointError, FileNotFoundError) as explained:
+                fail(explained)
+            fail(error)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError) as error:
-            if os.environ.get("ACPO_DEBUG"):
-                raise
-            message = str(error).strip() or type(error).__name__
-            print(f"acpo: error: {message}\n(set ACPO_DEBUG=1 for the traceback)", file=sys.stderr)
-            raise SystemExit(2) from error
+            fail(error)
+        except pickle.UnpicklingError as error:  # a model loader's torch.load(weights_only=True)
+            fail(
+                UnsafeCheckpointError(
+                    "a weights file of a configured model holds pickled Python objects that a "
+                    f"weights_only load refuses ({refusal_reason(error)}); nothing was executed. "
+                    "Fix: use the model's .safetensors weights, or convert its .bin file to "
+                    "safetensors in an environment you trust."
+                )
+            )
+
+    def before_fit(self) -> None:
+        """Pre-flight: every output folder can be created and written (see :func:`check_writable`)."""
+        for folder, setting in output_folders(self.trainer).items():
+            check_writable(folder, setting)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Missing weights found at ``setup`` (evaluation metrics) also end in one clear line."""
         from acpo_lightning.models.loading import ModelNotFoundError
         from acpo_lightning.quality.pyiqa_head import PyiqaWeightsError
 
         try:
+            self._check_ckpt_path(subcommand)
             super()._run_subcommand(subcommand)
-        except (ModelNotFoundError, PyiqaWeightsError) as error:
-            if os.environ.get("ACPO_DEBUG"):
+        except (CheckpointWriteError, NonFiniteTrainingError) as error:
+            fail(error, EXIT_RUN)
+        except (ModelNotFoundError, PyiqaWeightsError, OutputFolderError, *_INPUT_ERRORS) as error:
+            fail(error)
+        except OSError as error:
+            if error.errno not in _DISK_ERRNOS:
                 raise
-            print(f"acpo: error: {error}\n(set ACPO_DEBUG=1 for the traceback)", file=sys.stderr)
-            raise SystemExit(2) from error
+            fail(error, EXIT_RUN)
+        except _SETUP_ERRORS as error:
+            owners = [self.datamodule, self.model, *self.trainer.callbacks]
+            if not _raised_in_setup(error, owners):
+                raise
+            fail(error)
+
+    def _check_ckpt_path(self, subcommand: str) -> None:
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path is None or str(ckpt_path) in _CKPT_KEYWORDS:
+            return
+        if str(ckpt_path).startswith("registry:") or "://" in str(ckpt_path):
+            return
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt_path}: no such file. Fix: pass a checkpoint written by `acpo "
+                "fit` (e.g. outputs/acpo/checkpoints/last.ckpt), or `last` to resume from the "
+                "newest checkpoint of the configured ModelCheckpoint."
+            )
 
 
 class ACPOSaveConfigCallback(SaveConfigCallback):
@@ -102,10 +286,7 @@ def run_export(argv: list[str]) -> None:
     try:
         export_main(argv)
     except (ValueError, OSError) as error:
-        if os.environ.get("ACPO_DEBUG"):
-            raise
-        print(f"acpo: error: {error}\n(set ACPO_DEBUG=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2) from error
+        fail(error)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,8 @@
 """``acpo export``: a Lightning checkpoint's LoRA as ``pytorch_lora_weights.safetensors`` for diffusers.
 
-The checkpoint is read with ``torch.load(weights_only=True)``; no model is built and no base
-weights are needed. The LoRA settings the file's metadata needs (rank, alpha, target modules) come
+The checkpoint is read with ``torch.load(weights_only=True)`` (through
+:class:`~acpo_lightning.checkpoint_io.SafeCheckpointIO`, so a file holding pickled Python objects
+is refused, not executed); no model is built and no base weights are needed. The LoRA settings the file's metadata needs (rank, alpha, target modules) come
 from the training config: the ``config.yaml`` that ``acpo fit`` saves next to the checkpoints (or
 one folder up, in Lightning's default layout), or the files given with ``--config``.
 
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from acpo_lightning.checkpoint_io import SafeCheckpointIO
 from acpo_lightning.models.lora import add_lora, write_lora_file
 
 _LORA_KEY = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)\.")
@@ -104,6 +106,7 @@ def export_checkpoint(
 
     Raises:
         FileNotFoundError: no checkpoint, or no config found and none given.
+        UnsafeCheckpointError: the checkpoint is truncated or holds pickled Python objects.
         ValueError: no LoRA in the checkpoint, or a rank that disagrees with the config.
     """
     from peft import LoraConfig
@@ -112,6 +115,12 @@ def export_checkpoint(
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {ckpt}; pass the .ckpt file that `acpo fit` wrote."
+        )
+    checkpoint = SafeCheckpointIO().load_checkpoint(ckpt, map_location="cpu")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(
+            f"{ckpt} has no state_dict, so it is not a Lightning checkpoint; pass the .ckpt file "
+            "that `acpo fit` wrote."
         )
     paths = [Path(c) for c in configs] or [p for p in [find_training_config(ckpt)] if p]
     if not paths:
@@ -122,8 +131,7 @@ def export_checkpoint(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"config file(s) {missing} do not exist.")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    weights = lora_weights_from_checkpoint(state)
+    weights = lora_weights_from_checkpoint(checkpoint["state_dict"])
     settings = lora_settings(paths)
     rank = int(settings["rank"])
     ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith("lora.down.weight")}
