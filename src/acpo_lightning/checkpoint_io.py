@@ -95,7 +95,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 "plain containers only); if you trust this file, re-save its tensors without the "
                 "Python objects in an environment you trust."
             ) from error
-        except (RuntimeError, EOFError) as error:  # torch's zip reader on a truncated file
+        except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader, file cut short
+            if isinstance(error, OSError) and error.errno != errno.EINVAL:
+                raise  # e.g. permission denied: not the file's content
             first = str(error).strip().split(". ")[0] or type(error).__name__
             raise UnsafeCheckpointError(
                 f"{path} is truncated or not a PyTorch checkpoint ({first}). Fix: resume from an "

@@ -135,21 +135,38 @@ def output_folders(trainer: pl.Trainer) -> dict[Path, str]:
     """Every folder ``fit`` will write to, with the setting that names it.
 
     Each callback's ``dirpath`` (``ModelCheckpoint``, ``LoRAExportCallback``, ...; when unset,
-    where Lightning puts it) and each logger's ``save_dir``.
+    the folder Lightning puts it under) and each logger's ``save_dir``; local folders only.
     """
     root = trainer.loggers[0].save_dir if trainer.loggers else None
     root = root or trainer.default_root_dir
+    candidates = [
+        (
+            callback.dirpath or root,
+            f"the {type(callback).__name__} callback's dirpath in trainer.callbacks",
+        )
+        for callback in trainer.callbacks
+        if hasattr(callback, "dirpath")
+    ]
+    candidates += [
+        (logger.save_dir, f"the {type(logger).__name__}'s save_dir in trainer.logger")
+        for logger in trainer.loggers
+        if getattr(logger, "save_dir", None)
+    ]
     folders: dict[Path, str] = {}
-    for callback in trainer.callbacks:
-        if hasattr(callback, "dirpath"):
-            name = type(callback).__name__
-            dirpath = callback.dirpath or root
-            folders.setdefault(Path(dirpath), f"the {name} callback's dirpath in trainer.callbacks")
-    for logger in trainer.loggers:
-        if getattr(logger, "save_dir", None):
-            name = type(logger).__name__
-            folders.setdefault(Path(logger.save_dir), f"the {name}'s save_dir in trainer.logger")
+    for folder, setting in candidates:
+        if "://" not in str(folder):  # remote storage (s3://, gs://) is not probed
+            folders.setdefault(Path(folder), setting)
     return folders
+
+
+def _reported_cause(error: BaseException) -> BaseException:
+    """The error to report: jsonargparse wraps a failing ``Optional[...]`` argument's own error
+    (e.g. a ``ModelNotFoundError`` of the text encoder) in "Does not validate against any of the
+    Union subtypes"; the innermost explicit cause is the one that speaks to the user."""
+    cause = error
+    while cause.__cause__ is not None and "Union subtypes" in str(cause):
+        cause = cause.__cause__
+    return cause
 
 
 def _raised_in_setup(error: BaseException, owners: list[Any]) -> bool:
@@ -184,13 +201,14 @@ class ACPOCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, OSError) as error:
-            fail(error)
-        except pickle.UnpicklingError as error:  # a model loader's torch.load(weights_only=True)
-            fail(
+        except (ValueError, TypeError, OSError, pickle.UnpicklingError) as error:
+            cause = _reported_cause(error)
+            if not isinstance(cause, pickle.UnpicklingError):
+                fail(cause)
+            fail(  # a model loader's torch.load(weights_only=True) refused a .bin file
                 UnsafeCheckpointError(
                     "a weights file of a configured model holds pickled Python objects that a "
-                    f"weights_only load refuses ({refusal_reason(error)}); nothing was executed. "
+                    f"weights_only load refuses ({refusal_reason(cause)}); nothing was executed. "
                     "Fix: use the model's .safetensors weights, or convert its .bin file to "
                     "safetensors in an environment you trust."
                 )
@@ -202,25 +220,31 @@ class ACPOCLI(LightningCLI):
             check_writable(folder, setting)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        from acpo_lightning.models.loading import ModelNotFoundError
-        from acpo_lightning.quality.pyiqa_head import PyiqaWeightsError
-
         try:
             self._check_ckpt_path(subcommand)
             super()._run_subcommand(subcommand)
-        except (CheckpointWriteError, NonFiniteTrainingError) as error:
-            fail(error, EXIT_RUN)
-        except (ModelNotFoundError, PyiqaWeightsError, OutputFolderError, *_INPUT_ERRORS) as error:
-            fail(error)
-        except OSError as error:
-            if error.errno not in _DISK_ERRNOS:
+        except Exception as error:
+            code = self._exit_code(error)
+            if code is None:
                 raise
-            fail(error, EXIT_RUN)
-        except _SETUP_ERRORS as error:
-            owners = [self.datamodule, self.model, *self.trainer.callbacks]
-            if not _raised_in_setup(error, owners):
-                raise
-            fail(error)
+            fail(error, code)
+
+    def _exit_code(self, error: Exception) -> int | None:
+        """``EXIT_INPUT``/``EXIT_RUN`` for an error the user can fix; ``None`` for a bug (re-raised)."""
+        from acpo_lightning.models.loading import ModelNotFoundError
+        from acpo_lightning.quality.pyiqa_head import PyiqaWeightsError
+
+        if isinstance(error, (CheckpointWriteError, NonFiniteTrainingError)):
+            return EXIT_RUN
+        user = (ModelNotFoundError, PyiqaWeightsError, OutputFolderError, *_INPUT_ERRORS)
+        if isinstance(error, user):
+            return EXIT_INPUT
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            return EXIT_RUN
+        owners = [self.datamodule, self.model, *self.trainer.callbacks]
+        if isinstance(error, _SETUP_ERRORS) and _raised_in_setup(error, owners):
+            return EXIT_INPUT
+        return None
 
     def _check_ckpt_path(self, subcommand: str) -> None:
         ckpt_path = self.config_init[subcommand].get("ckpt_path")

@@ -811,6 +811,30 @@ class ACPOModule(pl.LightningModule):
                 "it was written with another LoRA rank/target_modules or another UNet."
             )
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> ACPOModule:
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True``.
+
+        Our checkpoints hold no model parts: pass them (``unet=..., quality_head=..., ...``) as
+        keyword arguments. ``weights_only=False`` is refused: nothing from a file is unpickled.
+        """
+        if weights_only is False:
+            raise ValueError(
+                "ACPOModule.load_from_checkpoint never unpickles Python objects (weights_only=False "
+                "was asked); drop the argument, our checkpoints hold tensors only."
+            )
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
+
     def save_lora(self, directory: str | Path) -> Path:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
         return save_lora(self.unet, directory)

@@ -9,6 +9,7 @@ provide it.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,8 +113,18 @@ def load_pretrained(
         kwargs["subfolder"] = subfolder
     try:
         return loader(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:  # diffusers/transformers raise both for missing files
+    except (OSError, ValueError, pickle.UnpicklingError) as error:  # missing files: both kinds
         text = str(error)
+        refusal = _refused_pickle(error)
+        if refusal is not None:
+            from acpo_lightning.checkpoint_io import refusal_reason
+
+            raise ValueError(
+                f"{what} weights at {name_or_path}{f' (subfolder {subfolder})' if subfolder else ''} "
+                "hold pickled Python objects that a weights_only load refuses "
+                f"({refusal_reason(refusal)}); nothing in them was run. Fix: use the model's .safetensors weights (or convert the .bin in an "
+                "environment you trust)."
+            ) from error
         if (
             isinstance(error, ValueError)
             and "local_files_only" not in text
@@ -124,6 +135,16 @@ def load_pretrained(
         raise ModelNotFoundError(
             missing_weights_message(what, name_or_path, subfolder, error)
         ) from error
+
+
+def _refused_pickle(error: BaseException) -> pickle.UnpicklingError | None:
+    """torch's weights_only refusal in ``error``'s cause/context chain, if there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_unet(

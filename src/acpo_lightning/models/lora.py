@@ -161,8 +161,16 @@ def write_lora_file(
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHT_NAME
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)  # atomic: a failed write never leaves a half file under the real name
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        tmp.replace(path)  # atomic: a failed write never leaves a half file under the real name
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        previous = "the previous export there is intact" if path.exists() else "no file was left"
+        raise OSError(
+            f"could not write LoRA weights {path}: {error}; {previous}. Fix: free disk space or "
+            "choose another output folder"
+        ) from error
     return path
 
 
@@ -187,7 +195,17 @@ def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
         raise FileNotFoundError(
             f"no LoRA weights at {path}; expected a {LORA_WEIGHT_NAME} written by save_lora"
         )
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    try:
+        raw = load_file(str(path))
+    except (
+        Exception
+    ) as error:  # safetensors raises its own SafetensorError for non-safetensors bytes
+        raise ValueError(
+            f"{path} is not a safetensors file ({error}); LoRA weights are read from safetensors "
+            f"only (never unpickled). Export with save_lora / `acpo export`, or convert the file "
+            "in an environment you trust."
+        ) from error
+    state = {k.removeprefix("unet."): v for k, v in raw.items()}
     state = convert_unet_state_dict_to_peft(state)
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", []) or []

@@ -115,7 +115,7 @@ class PyiqaQualityHead(QualityHead):
             options["pretrained_model_path"] = str(
                 _existing_file(metric_name, pretrained_model_path)
             )
-        with _torch_flags_preserved(), _pyiqa_downloads(pyiqa, metric_name):
+        with _torch_flags_preserved(), _pyiqa_downloads(pyiqa, metric_name), _weights_only_loads():
             metric = pyiqa.create_metric(
                 metric_name, as_loss=True, device=torch.device("cpu"), **options
             )
@@ -261,6 +261,26 @@ def _with_finite_grad(images: Tensor) -> Tensor:
     view = images.view_as(images)
     view.register_hook(lambda grad: torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
     return view
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Make pyiqa's own ``torch.load(path, weights_only=False)`` calls safe while it builds a metric.
+
+    pyiqa unpickles some weight files (BRISQUE's, several architectures'), which would run any code
+    a crafted ``pretrained_model_path`` carries; here every load it makes is ``weights_only``.
+    """
+    real_load = torch.load
+
+    def load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
 
 
 @contextlib.contextmanager
