@@ -19,20 +19,28 @@ STANDALONE = ["acpo.yaml", "ddpm_church.yaml", "demo.yaml"]
 OVERLAYS = {"tiny.yaml": "acpo.yaml", "tiny_pixel.yaml": "ddpm_church.yaml"}
 #: Overlays of the embedded demo (trained in tests/test_demo.py, parsed here).
 DEMO_OVERLAYS = {"demo_control.yaml": "demo.yaml", "demo_no_anchor.yaml": "demo.yaml"}
+#: Multi-process strategy overlays (DDP trained with 2 CPU processes in tests/test_ddp.py, parsed here).
+STRATEGY_OVERLAYS = {
+    "ddp.yaml": "acpo.yaml",
+    "fsdp.yaml": "acpo.yaml",
+    "deepspeed.yaml": "acpo.yaml",
+}
 
 
 def _config_args(name: str) -> list[str]:
-    base = {**OVERLAYS, **DEMO_OVERLAYS}.get(name)
+    base = {**OVERLAYS, **DEMO_OVERLAYS, **STRATEGY_OVERLAYS}.get(name)
     files = [base, name] if base else [name]
     return [arg for f in files for arg in ("--config", str(CONFIGS / f))]
 
 
 def test_every_config_is_covered_here() -> None:
     shipped = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert shipped == set(STANDALONE) | set(OVERLAYS) | set(DEMO_OVERLAYS)
+    assert shipped == set(STANDALONE) | set(OVERLAYS) | set(DEMO_OVERLAYS) | set(STRATEGY_OVERLAYS)
 
 
-@pytest.mark.parametrize("name", STANDALONE + list(OVERLAYS) + list(DEMO_OVERLAYS))
+@pytest.mark.parametrize(
+    "name", STANDALONE + list(OVERLAYS) + list(DEMO_OVERLAYS) + list(STRATEGY_OVERLAYS)
+)
 def test_config_parses(name: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_config_args(name), "--print_config"])
@@ -68,7 +76,8 @@ def test_tiny_overlays_fit_then_validate_test_predict(name: str, tmp_path, monke
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state and all(
-        "lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps"} for k in state
+        "lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps", "skipped_steps"}
+        for k in state
     )
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     for command in ("validate", "test", "predict"):

@@ -281,8 +281,24 @@ class ACPOModule(pl.LightningModule):
         if self._trainer is not None:
             use_safe_checkpoint_io(self.trainer)
         check_quality_head(self.quality_head, self.image_size, self.device)
+        self._warn_if_share_rounds_to_zero()
         if self.hparams.gradient_checkpointing:
             self.enable_gradient_checkpointing()
+
+    def _warn_if_share_rounds_to_zero(self) -> None:
+        """Each process scores round(share x its own batch) samples; say so when that is 0."""
+        share, w_perc = self.hparams.perceptual_share, self.hparams.w_perc
+        batch_size = getattr(getattr(self._trainer, "datamodule", None), "hparams", {})
+        batch_size = batch_size.get("batch_size") if hasattr(batch_size, "get") else None
+        if self.hparams.objective == "rollout" or not share or not w_perc or not batch_size:
+            return
+        if round(share * batch_size) == 0:
+            warnings.warn(
+                f"perceptual_share={share} x per-process batch_size={batch_size} rounds to 0: no "
+                "sample is scored in data steps and the perceptual term is off. Raise "
+                f"perceptual_share to >= {0.5 / batch_size:.2g} or the batch size.",
+                stacklevel=2,
+            )
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet, VAE-decoder and quality-head activations in the backward pass."""
@@ -337,11 +353,16 @@ class ACPOModule(pl.LightningModule):
         )
 
     def host_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
-        """A CPU twin of :meth:`step_generator` for host-side choices (no device sync to read them)."""
-        return torch.Generator().manual_seed(self._step_seed(stage, step, batch_idx) ^ 0x5EED)
+        """A CPU generator for host-side choices (no device sync to read them).
 
-    def _step_seed(self, stage: str, step: int, batch_idx: int) -> int:
-        words = [self.hparams.seed, _STAGE_IDS[stage], step, batch_idx, self.global_rank]
+        Seeded without the rank: every process makes the same choice (rollout step or not), so
+        collective strategies (FSDP) never see ranks run different programs.
+        """
+        return torch.Generator().manual_seed(self._step_seed(stage, step, batch_idx, 0) ^ 0x5EED)
+
+    def _step_seed(self, stage: str, step: int, batch_idx: int, rank: int | None = None) -> int:
+        rank = self.global_rank if rank is None else rank
+        words = [self.hparams.seed, _STAGE_IDS[stage], step, batch_idx, rank]
         return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def _prompt_length(self) -> int:
@@ -519,8 +540,10 @@ class ACPOModule(pl.LightningModule):
         if stats["perc_share"] > 0:
             values[f"{stage}/loss_perc"] = terms.perc.detach()
             values[f"{stage}/iqa"] = terms.iqa
+        # synced in every stage: under DDP train/* are means over processes (one small all-reduce
+        # per value and step; a no-op in a single process)
         self.log_dict(
-            values, on_step=on_step, on_epoch=not on_step, batch_size=size, sync_dist=not on_step
+            values, on_step=on_step, on_epoch=not on_step, batch_size=size, sync_dist=True
         )
         self.log(
             f"{stage}/loss",
@@ -529,7 +552,7 @@ class ACPOModule(pl.LightningModule):
             on_step=on_step,
             on_epoch=not on_step,
             batch_size=size,
-            sync_dist=not on_step,
+            sync_dist=True,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -552,7 +575,12 @@ class ACPOModule(pl.LightningModule):
             )
         stats = {"perc_share": stats.get("perc_share", 0.0)}
         if use_rollout:
-            terms = self._add_rollout(batch, generator, terms, stats)
+            # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
+            # it equals the step generator's seed, as in a single-process run
+            choice = torch.Generator().manual_seed(
+                self._step_seed("train", self.global_step, batch_idx, 0)
+            )
+            terms = self._add_rollout(batch, generator, terms, stats, choice)
         if self.hparams.anchor_mode == "constraint":
             self._update_anchor_weight(terms.anchor)
         size = len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["prompts"])
@@ -572,14 +600,19 @@ class ACPOModule(pl.LightningModule):
         return objective == "rollout"
 
     def _add_rollout(
-        self, batch: dict, generator: torch.Generator, terms: losses.ACPOTerms, stats: dict
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        terms: losses.ACPOTerms,
+        stats: dict,
+        choice: torch.Generator | None = None,
     ) -> losses.ACPOTerms:
         """Add a rollout's anchor and perceptual terms to the data terms; log its parts separately."""
         prompts = batch.get("rollout_prompts", batch.get("prompts"))
         count = len(prompts) if prompts is not None else len(batch["pixel_values"])
         count = min(count, self.hparams.rollout_batch_size or count)
         roll = rollout_terms(
-            self, list(prompts[:count]) if self.is_conditional else None, count, generator
+            self, list(prompts[:count]) if self.is_conditional else None, count, generator, choice
         )
         w_anchor = self.w_anchor.detach().clone()
         loss = terms.loss + w_anchor * roll.anchor + self.hparams.w_perc * roll.perc
@@ -592,6 +625,7 @@ class ACPOModule(pl.LightningModule):
             },
             on_step=True,
             batch_size=count,
+            sync_dist=True,
         )
         stats["perc_share"] = 1.0
         return losses.ACPOTerms(loss, terms.diff, terms.anchor + roll.anchor, roll.perc, roll.iqa)
@@ -795,7 +829,11 @@ class ACPOModule(pl.LightningModule):
 
     def trained_state_keys(self) -> set[str]:
         """Names in ``state_dict`` that a checkpoint must hold: trainable weights and dual state."""
-        return {n for n, p in self.named_parameters() if p.requires_grad} | set(_TRAINED_BUFFERS)
+        # FSDP's auto-wrap adds `_fsdp_wrapped_module.` to parameter names, not to state-dict keys
+        from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+        trainable = {clean_tensor_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        return trainable | set(_TRAINED_BUFFERS)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only what trains; frozen parts are rebuilt from the config on load."""

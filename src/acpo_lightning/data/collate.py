@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 # torchdata 0.11's worker loop calls a PyTorch helper deprecated in 2.9+; the notice is not ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -118,15 +119,28 @@ def seeded_loader(
     ``--ckpt_path``, so a resumed run sees exactly the batches an uninterrupted run would.
     Each epoch draws a fresh permutation from the same generator.
     """
+    sampler = (
+        SeededShuffle(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    )
     return ResumableDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
         **loader_kwargs,
     )
+
+
+class SeededShuffle(StatefulRandomSampler, RandomSampler):
+    """torchdata's stateful ``RandomSampler`` that Lightning also recognizes as a ``RandomSampler``.
+
+    Single-process, it is exactly what ``StatefulDataLoader(shuffle=True)`` builds (its iterator's
+    state, generator included, goes into the loader's ``state_dict``). Being a torch
+    ``RandomSampler`` too, Lightning replaces it under DDP with a plain ``DistributedSampler``
+    (shuffled, seeded, ``set_epoch`` per epoch), which a resumed loader fast-forwards exactly,
+    rather than wrapping it in a ``DistributedSamplerWrapper`` whose shuffle state is not saved.
+    """
 
 
 class ResumableDataLoader(StatefulDataLoader):
