@@ -29,6 +29,9 @@ VARIANTS = {
     "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0),
     "acpo_toggle_share0.25": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=0.25),
     "acpo_toggle_share1.0": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=1.0),
+    "acpo_toggle_share0.25_taesd": dict(
+        w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True
+    ),
     "acpo_separate_anchor_share0.25": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, separate=True
     ),
@@ -67,6 +70,16 @@ def sd15_vae(scale: float) -> nn.Module:
         latent_channels=4,
         layers_per_block=2,
         norm_num_groups=32,
+    )
+
+
+def taesd(scale: float) -> nn.Module:
+    """TAESD's layout (diffusers ``AutoencoderTiny``, 8x) at ``scale`` of its 64-channel width."""
+    from diffusers import AutoencoderTiny
+
+    width = max(16, int(64 * scale) // 8 * 8)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(width,) * 4, decoder_block_out_channels=(width,) * 4
     )
 
 
@@ -120,7 +133,9 @@ def build(args: argparse.Namespace, spec: dict):
     tokenizer = CLIPTokenizer.from_pretrained(
         str(write_tiny_tokenizer(Path(args.out) / "tokenizer"))
     )
-    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft"}}
+    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft", "taesd"}}
+    if spec.get("taesd"):
+        knobs["perceptual_decoder"] = taesd(args.scale).to(dtype)
     module = ACPOModule(
         unet=unet,
         anchor_unet=anchor,

@@ -86,3 +86,15 @@ def test_bad_names_are_rejected() -> None:
         resolve_dtype("float8")
     with pytest.raises(ValueError, match="NotAScheduler"):
         load_scheduler("unused", scheduler_class="NotAScheduler")
+
+
+def test_load_vae_loads_a_tiny_autoencoder_for_the_perceptual_path(tmp_path) -> None:
+    from acpo_lightning.testing import tiny_taesd
+
+    tiny_taesd().save_pretrained(tmp_path / "taesd")
+    decoder = load_vae(str(tmp_path / "taesd"), subfolder=None, model_class="AutoencoderTiny")
+    assert type(decoder).__name__ == "AutoencoderTiny"
+    with pytest.raises(
+        ValueError, match="model_class='UNet2DModel' is not a diffusers autoencoder"
+    ):
+        load_vae(str(tmp_path / "taesd"), subfolder=None, model_class="UNet2DModel")

@@ -53,3 +53,34 @@ def test_compiled_unet_gives_the_same_step_and_state_names(tokenizer_dir) -> Non
     torch.testing.assert_close(loss, reference[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads, reference[1], rtol=1e-3, atol=1e-5)
     assert module.trained_state_keys() == reference_module.trained_state_keys()
+
+
+def test_a_perceptual_decoder_decodes_only_the_scored_samples(tokenizer_dir) -> None:
+    from acpo_lightning.testing import tiny_taesd
+
+    taesd = tiny_taesd()
+    module = make_module(
+        tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5, perceptual_decoder=taesd
+    )
+    assert not any(p.requires_grad for p in taesd.parameters()) and not taesd.training
+    calls = {"vae": [], "taesd": []}
+    module.vae.decoder.register_forward_pre_hook(lambda m, a: calls["vae"].append(a[0].shape[0]))
+    taesd.decoder.register_forward_pre_hook(lambda m, a: calls["taesd"].append(a[0].shape[0]))
+    loss, grads = _loss_and_grads(module)
+    assert calls == {"vae": [], "taesd": [2]}  # the scored half of the batch, with the tiny decoder
+    assert torch.isfinite(loss) and grads.abs().sum() > 0
+    reference = _loss_and_grads(
+        make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
+    )
+    assert not torch.allclose(loss, reference[0])  # the perceptual term really came from TAESD
+    module.generate(["a red square"], num_inference_steps=2)
+    assert calls["vae"] == [1] and calls["taesd"] == [2]  # samples keep the full VAE
+    keys = module.trained_state_keys()
+    assert not any(k.startswith("perceptual_decoder") for k in keys)
+
+
+def test_a_perceptual_decoder_needs_a_latent_model() -> None:
+    from acpo_lightning.testing import tiny_taesd
+
+    with pytest.raises(ValueError, match="perceptual_decoder was given but the model has no vae"):
+        make_module(latent=False, perceptual_decoder=tiny_taesd())

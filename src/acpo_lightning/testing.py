@@ -265,3 +265,17 @@ class InjectNonFinite(Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def tiny_taesd(seed: int = 0) -> nn.Module:
+    """A diffusers ``AutoencoderTiny`` (TAESD layout) with :func:`tiny_vae`'s 2x latent grid."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(16, 16),
+        decoder_block_out_channels=(16, 16),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )

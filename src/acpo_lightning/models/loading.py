@@ -207,16 +207,28 @@ def load_vae(
     variant: str | None = None,
     torch_dtype: str | None = None,
     local_files_only: bool | None = None,
+    model_class: str = "AutoencoderKL",
 ) -> nn.Module:
-    """Load a diffusers ``AutoencoderKL`` (arguments as in :func:`load_unet`).
+    """Load a diffusers autoencoder (arguments as in :func:`load_unet`).
+
+    ``model_class`` picks the diffusers class: ``AutoencoderKL`` (Stable Diffusion's VAE) or
+    ``AutoencoderTiny`` (TAESD, e.g. ``madebyollin/taesd`` with ``subfolder: null``, a cheap
+    decoder for ``ACPOModule(perceptual_decoder=...)``).
 
     Raises:
         ModelNotFoundError: weights or config missing.
+        ValueError: ``model_class`` is not a diffusers autoencoder class.
     """
-    from diffusers import AutoencoderKL
+    import diffusers
 
+    cls = getattr(diffusers, model_class, None)
+    if cls is None or not model_class.startswith("Autoencoder"):
+        raise ValueError(
+            f"model_class={model_class!r} is not a diffusers autoencoder; use AutoencoderKL or "
+            "AutoencoderTiny."
+        )
     return load_pretrained(
-        AutoencoderKL.from_pretrained,
+        cls.from_pretrained,
         "VAE",
         pretrained_model_name_or_path,
         subfolder,

@@ -1,0 +1,124 @@
+"""FLOPs of each part of an ACPO step at full Stable Diffusion 1.5 size, counted on the meta device.
+
+No weights and no arithmetic: the real diffusers/transformers/torchvision modules are built on
+``torch.device("meta")`` and run under torch's ``FlopCounterMode``, so the count for 512 px images
+takes seconds on any machine. Backward passes are counted as they run (frozen weights get no weight
+gradient, so a frozen decoder's backward costs about one forward, not two). From the parts it
+predicts the FLOPs ratio of an ACPO step to a plain LoRA step, with the SD VAE decoder or TAESD
+(``AutoencoderTiny``) in the perceptual path, with and without cached latents. Writes
+``outputs/bench/component_flops.json``.
+
+    python benchmarks/component_flops.py                   # batch 4, 512 px, share 0.25
+    python benchmarks/component_flops.py --batch 8 --share 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from step_cost import iqa_sized_head, sd15_unet, sd15_vae
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def count(fn) -> float:
+    """GFLOP of ``fn()`` (forward, and backward if ``fn`` runs one)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def parts(batch: int, scored: int, latent: int, head_size: int) -> dict[str, float]:
+    from diffusers import AutoencoderTiny
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from acpo_lightning.models import add_lora
+
+    with torch.device("meta"):
+        unet = add_lora(sd15_unet(1.0, latent), rank=16)  # LoRA r16 on the attention projections
+        vae = sd15_vae(1.0).requires_grad_(False)
+        taesd = AutoencoderTiny().requires_grad_(False)
+        head = iqa_sized_head(head_size)
+        text = CLIPTextModel(CLIPTextConfig()).requires_grad_(False)  # CLIP ViT-L/14 text tower
+        images = torch.randn(batch, 3, latent * 8, latent * 8)
+        latents = torch.randn(batch, 4, latent, latent)
+        timesteps = torch.randint(0, 1000, (batch,))
+        tokens = torch.randint(0, 49408, (batch, 77))
+        cond = torch.randn(batch, 77, 768)
+        scored_latents = torch.randn(scored, 4, latent, latent, requires_grad=True)
+
+    def lora_step() -> None:
+        unet(latents, timesteps, encoder_hidden_states=cond).sample.pow(2).mean().backward()
+
+    def anchor() -> None:
+        with torch.no_grad():
+            unet(latents, timesteps, encoder_hidden_states=cond)
+
+    def decode_and_score(decoder) -> None:
+        image = (decoder.decode(scored_latents).sample / 2 + 0.5).clamp(0, 1)
+        image = torch.nn.functional.interpolate(image, size=head_size, mode="bilinear")
+        head(image).sum().backward()
+
+    def head_only() -> None:
+        image = torch.rand(scored, 3, head_size, head_size, device="meta", requires_grad=True)
+        head(image).sum().backward()
+
+    with torch.no_grad():
+        encode = count(lambda: vae.encode(images).latent_dist.mean)
+        text_encode = count(lambda: text(tokens))
+    return {
+        "text_encoder": text_encode,
+        "vae_encode": encode,
+        "unet_lora_fwd_bwd": count(lora_step),
+        "anchor_unet_fwd": count(anchor),
+        "head_fwd_bwd": count(head_only),
+        "vae_decode_fwd_bwd": count(lambda: decode_and_score(vae)) - count(head_only),
+        "taesd_decode_fwd_bwd": count(lambda: decode_and_score(taesd)) - count(head_only),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--share", type=float, default=0.25, help="perceptual share of the batch")
+    parser.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
+    parser.add_argument("--head-size", type=int, default=224, help="quality head input side")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench" / "component_flops.json"))
+    args = parser.parse_args()
+    scored = round(args.share * args.batch)
+    p = parts(args.batch, scored, args.latent, args.head_size)
+    data = p["text_encoder"] + p["vae_encode"]
+    plain = data + p["unet_lora_fwd_bwd"]
+    extra = p["anchor_unet_fwd"] + p["head_fwd_bwd"]
+    steps = {
+        "plain LoRA": plain,
+        "ACPO, SD VAE decoder": plain + extra + p["vae_decode_fwd_bwd"],
+        "ACPO, TAESD decoder": plain + extra + p["taesd_decode_fwd_bwd"],
+    }
+    cached = {f"{k}, cached latents": v - p["vae_encode"] for k, v in steps.items()}
+    print(
+        f"SD-1.5 sizes: batch {args.batch}, {args.latent * 8} px, {scored} scored "
+        f"(share {args.share}), ResNet-50 head at {args.head_size} px; GFLOP per step\n"
+    )
+    print("| part | GFLOP |\n|---|---|")
+    for name, value in p.items():
+        print(f"| {name} | {value:,.0f} |")
+    print("\n| step | GFLOP | x plain |\n|---|---|---|")
+    base_cached = cached["plain LoRA, cached latents"]
+    for name, value in steps.items():
+        print(f"| {name} | {value:,.0f} | {value / plain:.2f} |")
+    for name, value in cached.items():
+        print(f"| {name} | {value:,.0f} | {value / base_cached:.2f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"args": vars(args), "parts": p, "steps": {**steps, **cached}}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
