@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install fashion-mnist test test-fast demo demo-no-anchor pretrain-demo bench lint clean
+.PHONY: help install fashion-mnist test test-fast demo demo-no-anchor ablations pretrain-demo bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ demo-no-anchor: install fashion-mnist  ## the demo with w_anchor 0 (for the repo
 	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_no_anchor.yaml
 	$(PY) -m acpo_lightning.demo.evaluate --out outputs/demo_no_anchor \
 		--run no-anchor=outputs/demo_no_anchor/lora/last
+
+ablations: install fashion-mnist  ## the demo's ablation sweeps for docs/ablations.md (full setting, about 35 min on 2 CPU cores)
+	$(PY) -m acpo_lightning.demo.ablations --setting full --out docs/ablations
 
 pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from scratch (about 95 min on 2 CPU cores)
 	$(PY) -m acpo_lightning.demo.pretrain vae

@@ -179,17 +179,27 @@ def image_metrics(images: Tensor, labels: list[int], parts: dict, real: Tensor) 
     }  # fmt: skip
 
 
+def paired_deltas(per_image: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, float]:
+    """Per-seed paired differences of one model's per-image scores to the base's.
+
+    Both come from :func:`image_metrics` on the same prompts, seeds and initial noise. Returns
+    ``d_guidance``, ``d_eval`` and ``d_consistency`` (mean difference of the guidance score, the
+    evaluator's score and the classifier hit rate) and their 95% CIs over seeds (``..._ci``).
+    """
+    deltas = {}
+    for key, name in (("guidance", "d_guidance"), ("eval", "d_eval"), ("hit", "d_consistency")):
+        deltas[name], deltas[name + "_ci"] = mean_ci((per_image[key] - base[key]).mean(1))
+    return deltas
+
+
 def add_paired_deltas(rows: dict[str, dict]) -> None:
     """Per-seed paired differences to the base row (same prompts, seeds and initial noise).
 
-    Adds ``d_guidance``/``d_eval`` (mean difference) and their 95% CI over seeds to every row,
-    then drops the per-image scores.
+    Adds :func:`paired_deltas` to every row, then drops the per-image scores.
     """
     base = rows["base"]["per_image"]
     for row in rows.values():
-        for key, name in (("guidance", "d_guidance"), ("eval", "d_eval")):
-            diff = (row["per_image"][key] - base[key]).mean(1)
-            row[name], row[name + "_ci"] = mean_ci(diff)
+        row.update(paired_deltas(row["per_image"], base))
     for row in rows.values():
         row.pop("per_image")
 
