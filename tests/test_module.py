@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -283,3 +285,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer_dir) -> None:
         _step(module, shapes_batch()).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in module.trainable_parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_perceptual_share_that_rounds_to_no_sample_warns_once(tokenizer_dir) -> None:
+    module = make_module(tokenizer_dir, w_perc=1.0, perceptual_share=0.1)
+    module.train()
+    with pytest.warns(
+        UserWarning, match=r"perceptual_share=0.1 x per-process batch size 4 rounds to 0"
+    ):
+        module.compute_terms(shapes_batch(), torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.compute_terms(shapes_batch(), torch.Generator().manual_seed(1))

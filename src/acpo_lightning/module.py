@@ -204,7 +204,7 @@ class ACPOModule(pl.LightningModule):
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
         self._consecutive_skips = 0
         self._step_terms: dict[str, Tensor] = {}
-        self._skip_reason: str | None = None
+        self._warned_share = False
         self._null_embedding: Tensor | None = None
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         self.strict_loading = (
@@ -299,24 +299,8 @@ class ACPOModule(pl.LightningModule):
         if self._trainer is not None:
             use_safe_checkpoint_io(self.trainer)
         check_quality_head(self.quality_head, self.image_size, self.device)
-        self._warn_if_share_rounds_to_zero()
         if self.hparams.gradient_checkpointing:
             self.enable_gradient_checkpointing()
-
-    def _warn_if_share_rounds_to_zero(self) -> None:
-        """Each process scores round(share x its own batch) samples; say so when that is 0."""
-        share, w_perc = self.hparams.perceptual_share, self.hparams.w_perc
-        batch_size = getattr(getattr(self._trainer, "datamodule", None), "hparams", {})
-        batch_size = batch_size.get("batch_size") if hasattr(batch_size, "get") else None
-        if self.hparams.objective == "rollout" or not share or not w_perc or not batch_size:
-            return
-        if round(share * batch_size) == 0:
-            warnings.warn(
-                f"perceptual_share={share} x per-process batch_size={batch_size} rounds to 0: no "
-                "sample is scored in data steps and the perceptual term is off. Raise "
-                f"perceptual_share to >= {0.5 / batch_size:.2g} or the batch size.",
-                stacklevel=2,
-            )
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet, VAE-decoder and quality-head activations in the backward pass."""
@@ -469,6 +453,8 @@ class ACPOModule(pl.LightningModule):
         timesteps, n_perc = losses.sample_timesteps(
             size, self.num_train_timesteps, hp.tau, hp.t_min, hp.perceptual_share, generator
         )
+        if n_perc == 0 and hp.perceptual_share > 0 and hp.w_perc > 0 and score:
+            self._warn_share_rounds_to_zero(size)
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         alpha, sigma = losses.schedule_coefficients(self.alphas_cumprod, timesteps, x0)
         noisy = alpha * x0 + sigma * noise
@@ -487,6 +473,19 @@ class ACPOModule(pl.LightningModule):
         w_anchor = self.w_anchor.detach().clone()
         terms = losses.acpo_objective(diff, anchor, scores, gate, hp.w_diff, w_anchor, hp.w_perc)
         return terms, {"perc_share": n_scored / size}
+
+    def _warn_share_rounds_to_zero(self, size: int) -> None:
+        """Each process scores round(share x its own batch) samples; say so (once) when that is 0."""
+        if self._warned_share:
+            return
+        self._warned_share = True
+        share = self.hparams.perceptual_share
+        warnings.warn(
+            f"perceptual_share={share} x per-process batch size {size} rounds to 0: no sample of "
+            "this batch is scored, so the data objective's perceptual term is off. Raise "
+            f"perceptual_share to >= {0.5 / size:.2g} or the batch size.",
+            stacklevel=2,
+        )
 
     def _uses_anchor(self) -> bool:
         return self.hparams.anchor_mode == "constraint" or self.hparams.w_anchor > 0
@@ -709,13 +708,11 @@ class ACPOModule(pl.LightningModule):
         reason = self._nonfinite_reason(result)
         if reason is None:
             self._consecutive_skips = 0
-            self._skip_reason = None
             optimizer.step(closure=lambda: result)
             return None
         optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        self._skip_reason = reason
         log.warning(
             "step %d skipped: non-finite %s (%d consecutive, %d in all)",
             self.global_step,

@@ -161,3 +161,23 @@ class ResumableDataLoader(StatefulDataLoader):
             if yielded is not None and yielded >= len(self):
                 state_dict = {**state_dict, "_iterator_finished": True}
         super().load_state_dict(state_dict)
+
+
+class SeededLoaders:
+    """Mixin for a ``LightningDataModule`` whose hyper-parameters hold ``batch_size``, ``seed`` and
+    ``num_workers``: ``self._loader(dataset, shuffle)`` is :func:`seeded_loader` with those and the
+    class's ``collate_fn``.
+    """
+
+    collate_fn: Callable[[list[dict]], dict] = staticmethod(collate_prompt_images)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> ResumableDataLoader:
+        hp = self.hparams  # type: ignore[attr-defined]
+        return seeded_loader(
+            dataset,
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            seed=hp.seed,
+            collate_fn=self.collate_fn,
+            num_workers=hp.num_workers,
+        )

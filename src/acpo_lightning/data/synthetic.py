@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import collate_prompt_images, seeded_loader
+from acpo_lightning.data.collate import SeededLoaders
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -69,7 +69,7 @@ class ShapesDataset(Dataset):
         return {"pixel_values": image * 2 - 1, "prompt": f"a {color} {shape}"}
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class ShapesDataModule(SeededLoaders, pl.LightningDataModule):
     """Train/val/test/predict loaders over :class:`ShapesDataset` (no files, no download).
 
     Args:
@@ -99,16 +99,6 @@ class ShapesDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set = ShapesDataset(train_size, image_size, seed)
         self.val_set = ShapesDataset(val_size, image_size, seed + 1)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return seeded_loader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            seed=self.hparams.seed,
-            collate_fn=collate_prompt_images,
-            num_workers=self.hparams.num_workers,
-        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import collate_prompt_images, seeded_loader
+from acpo_lightning.data.collate import SeededLoaders, collate_prompt_images
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -186,7 +186,7 @@ def collate_fashion(items: Sequence[dict]) -> dict:
     return batch
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
     """Captioned Fashion-MNIST (train split for fitting, test split with held-out wordings for validation).
 
     Args:
@@ -202,6 +202,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["pixel_values"].shape  # doctest: +SKIP
         torch.Size([4, 3, 32, 32])
     """
+
+    collate_fn = staticmethod(collate_fashion)
 
     def __init__(
         self,
@@ -228,16 +230,6 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             images, labels = load_fashion_mnist("test", hp.root)
             n = hp.val_size
             self.val_set = FashionCaptionDataset(images[:n], labels[:n], "heldout", hp.seed + 1)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return seeded_loader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            seed=self.hparams.seed,
-            collate_fn=collate_fashion,
-            num_workers=self.hparams.num_workers,
-        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
