@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" benchmarks/step_cost.py --full --batch 4 --bf16 --checkpointing --steps 5 --warmup 2 \
+"$PY" benchmarks/step_cost.py --full --batch 4 --bf16 --steps 5 --warmup 2 \
     --out outputs/bench_gpu "$@"

@@ -6,8 +6,15 @@ batch: wall time per optimizer step (median after warm-up) and peak memory (CUDA
 models were built). Results print as a table of ratios against plain LoRA and go to
 ``outputs/bench/step_cost.json``.
 
-    python benchmarks/step_cost.py               # CPU: SD-1.5-shaped UNet at a tenth of its width
-    python benchmarks/step_cost.py --full        # full SD-1.5 sizes (GPU), see gpu_check.sh
+    python benchmarks/step_cost.py               # SD-1.5 widths at 256 px (CPU, about 25 minutes)
+    python benchmarks/step_cost.py --full        # SD-1.5 at 512 px (GPU), see gpu_check.sh
+    python benchmarks/step_cost.py --quick       # 1/10 of every width at 128 px (a smoke run, 1 min)
+
+The default runs the real SD-1.5 widths (UNet, VAE, TAESD) at 256 px instead of 512 px so that a
+CPU step takes seconds, not minutes: the proportions of the parts stay those of the real model
+(``component_flops.py --latent 32`` against ``--latent 64``: the ACPO/plain FLOPs ratios differ by
+under 0.05). ``--quick`` shrinks every width, which changes the proportions (the VAE and the
+ResNet-50 head weigh more against a 1/10-width UNet), so its ratios overstate ACPO's cost.
 """
 
 from __future__ import annotations
@@ -230,6 +237,7 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         {
             "variant": name,
             "step_s": statistics.median(times),
+            "step_times_s": times,
             "peak_step_bytes": peak,
             "peak_total_bytes": total,
             "flops": flops,
@@ -237,42 +245,88 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     )
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One variant's rounds as one row: the median of every timed step, the largest peak."""
+    merged = dict(rows[0])
+    merged["step_times_s"] = [t for row in rows for t in row["step_times_s"]]
+    merged["step_s"] = statistics.median(merged["step_times_s"])
+    merged["round_medians_s"] = [row["step_s"] for row in rows]
+    for key in ("peak_step_bytes", "peak_total_bytes"):
+        merged[key] = max(row[key] for row in rows)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--full", action="store_true", help="full SD-1.5 widths, 64x64 latents, 224 px head"
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--full", action="store_true", help="SD-1.5 widths, 64x64 latents (512 px), 224 px head"
     )
-    parser.add_argument("--scale", type=float, default=0.1, help="width multiplier of the UNet/VAE")
-    parser.add_argument("--latent", type=int, default=16, help="latent side (image side = 8x)")
+    size.add_argument(
+        "--quick", action="store_true", help="1/10 widths, 16x16 latents (128 px), 112 px head"
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="width multiplier of the UNet/VAE")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (image side = 8x)")
     parser.add_argument(
-        "--head-size", type=int, default=112, help="native input side of the IQA head"
+        "--head-size", type=int, default=224, help="native input side of the IQA head"
     )
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--chain-steps", type=int, default=10, help="sampler steps of the DRaFT-K baseline"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gradient checkpointing (on, as in configs/acpo.yaml)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="passes over all variants, interleaved (ABC ABC)"
+    )
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args()
     if args.full:
         args.scale, args.latent, args.head_size = 1.0, 64, 224
+    if args.quick:
+        args.scale, args.latent, args.head_size = 0.1, 16, 112
     Path(args.out).mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
-    results = []
-    for name in args.variants:
-        queue = context.Queue()
-        process = context.Process(target=run_variant, args=(name, args, queue))
-        process.start()
-        results.append(queue.get())
-        process.join()
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
+    # rounds go through every variant in turn (ABC ABC), so a slow spell of a busy machine hits
+    # one round of each variant, not all of one variant
+    for round_index in range(args.rounds):
+        for name in args.variants:
+            queue = context.Queue()
+            process = context.Process(target=run_variant, args=(name, args, queue))
+            process.start()
+            row = queue.get()
+            process.join()
+            runs[name].append(row)
+            print(
+                f"round {round_index + 1}, {name}: {row['step_s']:.3f} s / step, "
+                f"{row['flops'] / 1e9:.1f} GFLOP",
+                flush=True,
+            )
+    results = [merge_rounds(rows) for rows in runs.values()]
     base = results[0]
     header = ("variant", "step s", "x plain", "GFLOP", "x plain", "peak MiB", "x plain")
     print("{:34s} {:>8s} {:>8s} {:>9s} {:>8s} {:>9s} {:>8s}".format(*header))
@@ -288,7 +342,7 @@ def main() -> None:
     machine = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
-        else f"{platform.processor() or 'cpu'}, {args.threads} threads"
+        else f"{cpu_name()}, {args.threads} threads"
     )
     report = {"machine": machine, "settings": vars(args), "results": results}
     path = Path(args.out) / "step_cost.json"

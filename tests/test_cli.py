@@ -19,6 +19,8 @@ STANDALONE = ["acpo.yaml", "ddpm_church.yaml", "demo.yaml"]
 OVERLAYS = {"tiny.yaml": "acpo.yaml", "tiny_pixel.yaml": "ddpm_church.yaml"}
 #: Overlays of the embedded demo (trained in tests/test_demo.py, parsed here).
 DEMO_OVERLAYS = {"demo_control.yaml": "demo.yaml", "demo_no_anchor.yaml": "demo.yaml"}
+#: Speed overlays (trained on local tiny weights in test_acpo_yaml_real_loaders_bf16...).
+SPEED_OVERLAYS = {"lean.yaml": "acpo.yaml"}
 #: Multi-process strategy overlays (DDP trained with 2 CPU processes in tests/test_ddp.py, parsed here).
 STRATEGY_OVERLAYS = {
     "ddp.yaml": "acpo.yaml",
@@ -28,18 +30,24 @@ STRATEGY_OVERLAYS = {
 
 
 def _config_args(name: str) -> list[str]:
-    base = {**OVERLAYS, **DEMO_OVERLAYS, **STRATEGY_OVERLAYS}.get(name)
+    base = {**OVERLAYS, **DEMO_OVERLAYS, **SPEED_OVERLAYS, **STRATEGY_OVERLAYS}.get(name)
     files = [base, name] if base else [name]
     return [arg for f in files for arg in ("--config", str(CONFIGS / f))]
 
 
 def test_every_config_is_covered_here() -> None:
     shipped = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert shipped == set(STANDALONE) | set(OVERLAYS) | set(DEMO_OVERLAYS) | set(STRATEGY_OVERLAYS)
+    overlays = {**OVERLAYS, **DEMO_OVERLAYS, **SPEED_OVERLAYS, **STRATEGY_OVERLAYS}
+    assert shipped == set(STANDALONE) | set(overlays)
 
 
 @pytest.mark.parametrize(
-    "name", STANDALONE + list(OVERLAYS) + list(DEMO_OVERLAYS) + list(STRATEGY_OVERLAYS)
+    "name",
+    STANDALONE
+    + list(OVERLAYS)
+    + list(DEMO_OVERLAYS)
+    + list(SPEED_OVERLAYS)
+    + list(STRATEGY_OVERLAYS),
 )
 def test_config_parses(name: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -173,8 +181,12 @@ def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch) -> None:
-    """acpo.yaml as shipped (bf16 base weights, bf16-mixed, real factories) on a local SD-shaped folder."""
+@pytest.mark.parametrize("lean", [False, True], ids=["acpo.yaml", "acpo.yaml+lean.yaml"])
+def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(lean, tmp_path, monkeypatch) -> None:
+    """acpo.yaml as shipped (bf16 base weights, bf16-mixed, real factories) on a local SD-shaped
+    folder; with lean.yaml layered on, the TAESD perceptual decoder loads from a local folder too."""
+    from diffusers import AutoencoderTiny
+
     from acpo_lightning import testing as T
 
     repo = tmp_path / "tiny-sd"
@@ -224,9 +236,25 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
             }
         )
     )
+    configs = ["--config", str(CONFIGS / "acpo.yaml")]
+    if lean:
+        T.tiny_taesd().save_pretrained(tmp_path / "tiny-taesd")
+        configs += ["--config", str(CONFIGS / "lean.yaml"), "--config", str(overlay)]
+        configs += [
+            "--model.perceptual_decoder.init_args.pretrained_model_name_or_path",
+            str(tmp_path / "tiny-taesd"),
+        ]
+    else:
+        configs += ["--config", str(overlay)]
     monkeypatch.chdir(tmp_path)
-    cli = build_cli(["fit", "--config", str(CONFIGS / "acpo.yaml"), "--config", str(overlay)])
+    cli = build_cli(["fit", *configs])
     module = cli.model
+    if lean:
+        assert isinstance(module.perceptual_decoder, AutoencoderTiny)
+        assert module.perceptual_decoder.dtype == torch.bfloat16
+        assert not any(p.requires_grad for p in module.perceptual_decoder.parameters())
+    else:
+        assert module.perceptual_decoder is None
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
     lora = [p for n, p in module.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -235,3 +263,4 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
         tmp_path / "outputs" / "acpo" / "checkpoints" / "last.ckpt", weights_only=True
     )
     assert all("lora_" in k or k in module.trained_state_keys() for k in state["state_dict"])
+    assert not any(k.startswith("perceptual_decoder") for k in state["state_dict"])
