@@ -99,7 +99,7 @@ def parts(
         head(image).sum().backward()
 
     def head_only() -> None:
-        image = torch.rand(scored, 3, head_size, head_size, device="meta", requires_grad=True)
+        image = torch.rand(scored, 3, head_size, head_size, device=device, requires_grad=True)
         head(image).sum().backward()
 
     with torch.no_grad():
