@@ -62,8 +62,9 @@ pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from s
 	$(PY) -m acpo_lightning.demo.pretrain guidance
 	$(PY) -m acpo_lightning.demo.pretrain check
 
-bench: install  ## step-cost benchmark (writes outputs/bench/)
-	$(PY) benchmarks/step_cost.py
+bench: install  ## step-cost benchmark, the README's table (about 21 min on 2 CPU cores; writes outputs/bench/)
+	$(PY) benchmarks/step_cost.py --rounds 2 --variants plain_lora acpo_toggle_share0.25 \
+		acpo_toggle_share0.25_taesd acpo_separate_anchor_share0.25
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks
