@@ -5,7 +5,8 @@ omegaconf mode so that YAML files can interpolate (``${model.init_args...}``). L
 no ``lightning`` console script; this package installs one, which would clash with another package
 that installs a script of the same name.
 
-``acpo export --ckpt ... --out ...`` (see :mod:`acpo_lightning.export`) is dispatched before
+``acpo export --ckpt ... --out ...`` (see :mod:`acpo_lightning.export`) and ``acpo cache-latents
+--config ... --out ...`` (see :mod:`acpo_lightning.cache_latents`) are dispatched before
 LightningCLI, whose subcommands are the ``Trainer``'s methods. ``fit`` also saves its config next
 to every ``ModelCheckpoint``'s checkpoints, where ``acpo export`` looks for it.
 
@@ -26,6 +27,7 @@ import pickle
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -274,15 +276,53 @@ class ACPOSaveConfigCallback(SaveConfigCallback):
                 )
 
 
+class ParseOnlyCLI(ACPOCLI):
+    """Parses a ``fit`` command line as :class:`ACPOCLI` does, and builds and runs nothing.
+
+    For commands that need a few parts of a run config (``acpo cache-latents``): the same files,
+    overlays, interpolation and checks as ``acpo fit``, without loading a single weight.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        return None
+
+    def _set_seed(self) -> None:
+        return None
+
+    def instantiate_classes(self) -> None:
+        return None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        return None
+
+
+def parse_run_config(args: list[str]) -> Any:
+    """The config ``acpo fit ARGS`` would run (a jsonargparse ``Namespace``), nothing instantiated.
+
+    Args:
+        args: ``--config FILE`` (repeatable) and ``--key value`` overrides, as for ``fit``.
+
+    Raises:
+        SystemExit: a config that does not parse (jsonargparse's usage message, exit 2).
+    """
+    with warnings.catch_warnings():  # args are given on purpose, whatever sys.argv holds
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return build_cli(["fit", *args], cli_class=ParseOnlyCLI).config.fit
+
+
 _EPILOG = (
     "Also: acpo export --ckpt CKPT --out DIR [--config FILE]: write a checkpoint's LoRA as "
-    "pytorch_lora_weights.safetensors for diffusers' load_lora_weights."
+    "pytorch_lora_weights.safetensors for diffusers' load_lora_weights. "
+    "acpo cache-latents --config FILE [--config ...] --out DIR: encode the training images once "
+    "with the VAE, for acpo_lightning.data.CachedLatentsDataModule."
 )
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> ACPOCLI:
+def build_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[ACPOCLI] = ACPOCLI
+) -> ACPOCLI:
     """Build (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
-    return ACPOCLI(
+    return cli_class(
         ACPOModule,
         pl.LightningDataModule,
         subclass_mode_data=True,
@@ -300,6 +340,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         run_export(argv[1:])
         return
+    if argv[:1] == ["cache-latents"]:
+        run_cache_latents(argv[1:])
+        return
     build_cli(args)
 
 
@@ -311,6 +354,16 @@ def run_export(argv: list[str]) -> None:
         export_main(argv)
     except (ValueError, OSError) as error:
         fail(error)
+
+
+def run_cache_latents(argv: list[str]) -> None:
+    """``acpo cache-latents``; errors end in one line, as for the other subcommands."""
+    from acpo_lightning.cache_latents import cache_latents_main
+
+    try:
+        cache_latents_main(argv)
+    except (ValueError, OSError) as error:
+        fail(_reported_cause(error))
 
 
 if __name__ == "__main__":  # pragma: no cover

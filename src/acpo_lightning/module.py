@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning import losses
 from acpo_lightning.checkpoint_io import use_safe_checkpoint_io
+from acpo_lightning.models.fingerprint import fingerprint_differences, vae_fingerprint
 from acpo_lightning.models.lora import adapters_disabled, has_lora, load_lora, save_lora
 from acpo_lightning.quality.base import check_quality_head
 from acpo_lightning.rollout import check_rollout_settings, rollout_terms
@@ -32,6 +33,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 #: Non-parameter state that trains (constraint mode) and therefore goes into checkpoints.
 _TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps", "skipped_steps")
+#: Batch keys that carry the data targets: images, or cached VAE posterior parameters.
+TARGET_KEYS = ("pixel_values", "latent_moments")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -293,11 +296,15 @@ class ACPOModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the quality head's contract on a probe batch before any step runs.
 
+        A DataModule of cached latents (``latent_cache_fingerprint``) is checked against this
+        model's VAE and UNet (:meth:`check_latent_cache`).
+
         Also makes the Trainer write checkpoints atomically and load them with
         ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`).
         """
         if self._trainer is not None:
             use_safe_checkpoint_io(self.trainer)
+            self.check_latent_cache(getattr(self.trainer, "datamodule", None))
         check_quality_head(self.quality_head, self.image_size, self.device)
         if self.hparams.gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -396,9 +403,87 @@ class ACPOModule(pl.LightningModule):
         if self.vae is None:
             return pixel_values
         posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)
+        return self._scaled_latents(posterior.sample(generator=generator))
+
+    @torch.no_grad()
+    def sample_latents(self, latent_moments: Tensor, generator: torch.Generator) -> Tensor:
+        """Cached VAE posterior parameters ``[B, 2C, h, w]`` to the UNet's input space.
+
+        Draws a fresh latent from each posterior with the same random draws, in the same dtype,
+        as :meth:`encode_images` does for the images the moments were encoded from.
+
+        Raises:
+            ValueError: the model has no VAE, or the moments are not ``[B, 2C, h, w]`` for this
+                UNet's latents.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        self.check_latent_moments_shape(latent_moments.shape[1:])
+        moments = latent_moments.to(self.device, self.vae.dtype)
+        return self._scaled_latents(DiagonalGaussianDistribution(moments).sample(generator))
+
+    def _scaled_latents(self, latents: Tensor) -> Tensor:
         shift = self.vae.config.get("shift_factor") or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    def batch_latents(self, batch: dict, generator: torch.Generator) -> Tensor:
+        """The UNet-space x0 of a paired batch: from ``latent_moments`` if cached, else ``pixel_values``."""
+        if "latent_moments" in batch:
+            return self.sample_latents(batch["latent_moments"], generator)
+        return self.encode_images(batch["pixel_values"].to(self.device), generator)
+
+    def check_latent_moments_shape(
+        self, shape: Sequence[int] | None, where: str = "the batch"
+    ) -> None:
+        """Refuse cached moments that this model cannot sample from.
+
+        Args:
+            shape: one item's moments shape, ``(2C, h, w)``; ``None`` checks only for a VAE.
+            where: what holds them, for the message.
+
+        Raises:
+            ValueError: no VAE (a pixel-space model), or ``shape`` is not
+                ``(2 * latent_channels, latent_size, latent_size)``.
+        """
+        if self.vae is None:
+            raise ValueError(
+                f"{where} holds cached VAE latents (latent_moments), but this model has no vae (a "
+                "pixel-space UNet). Fix: train it on images (e.g. PromptImageDataModule), or "
+                "configure model.vae."
+            )
+        expected = (2 * self.latent_channels, self.latent_size, self.latent_size)
+        if shape is not None and tuple(shape) != expected:
+            raise ValueError(
+                f"{where} holds latent moments of shape {list(shape)}, but this UNet needs "
+                f"{list(expected)} (2 x {self.latent_channels} latent channels, latent side "
+                f"{self.latent_size} = resolution {self.image_size[0]} / {self.vae_scale_factor}). "
+                "Fix: re-run `acpo cache-latents` with the config you train with (its "
+                "data.init_args.resolution and model.vae)."
+            )
+
+    def check_latent_cache(self, datamodule: Any) -> None:
+        """Refuse a latent cache (``CachedLatentsDataModule``) encoded by another VAE.
+
+        Compares the cache's ``latent_cache_fingerprint`` with :func:`models.vae_fingerprint` of
+        this model's VAE, and the cached moments' shape with this UNet's latents.
+
+        Raises:
+            ValueError: no VAE, another VAE (the differing values named), or a moments shape
+                this UNet cannot use.
+        """
+        cached = getattr(datamodule, "latent_cache_fingerprint", None)
+        if cached is None:
+            return
+        where = f"the latent cache {getattr(datamodule, 'path', '')}".rstrip()
+        self.check_latent_moments_shape(getattr(datamodule, "latent_moments_shape", None), where)
+        differences = fingerprint_differences(cached, vae_fingerprint(self.vae))
+        if differences:
+            raise ValueError(
+                f"{where} was encoded by another VAE than this model's: "
+                f"{'; '.join(differences)}. Fix: re-run `acpo cache-latents` with the config(s) "
+                "you train with (the same model.vae), or set model.vae to the VAE that encoded "
+                "the cache."
+            )
 
     def decode(self, latents: Tensor, decoder: nn.Module | None = None) -> Tensor:
         """UNet-space samples to images in ``[0, 1]`` (differentiable; VAE decode for latent models).
@@ -446,7 +531,7 @@ class ACPOModule(pl.LightningModule):
         With ``score=False`` no sample is decoded or scored (the perceptual term comes from a rollout).
         """
         hp = self.hparams
-        x0 = self.encode_images(batch["pixel_values"].to(self.device), generator)
+        x0 = self.batch_latents(batch, generator)
         size = x0.shape[0]
         prompts = batch.get("prompts")
         cond = self._conditioning(prompts, size, generator)
@@ -581,7 +666,7 @@ class ACPOModule(pl.LightningModule):
         use_rollout = self._is_rollout_step(
             self.host_generator("train", self.global_step, batch_idx)
         )
-        if "pixel_values" in batch:
+        if _has_targets(batch):
             terms, stats = self.compute_terms(batch, generator, score=not use_rollout)
         elif use_rollout:
             zero = self.w_anchor.new_zeros(())
@@ -591,8 +676,9 @@ class ACPOModule(pl.LightningModule):
             )
         else:
             raise ValueError(
-                "objective='data' needs image/prompt pairs, but the batch has no 'pixel_values'; use a "
-                "paired DataModule or objective: rollout for prompt-only data."
+                "objective='data' needs image/prompt pairs, but the batch has no 'pixel_values' "
+                "(nor cached 'latent_moments'); use a paired DataModule or objective: rollout for "
+                "prompt-only data."
             )
         stats = {"perc_share": stats.get("perc_share", 0.0)}
         if use_rollout:
@@ -604,8 +690,7 @@ class ACPOModule(pl.LightningModule):
             terms = self._add_rollout(batch, generator, terms, stats, choice)
         if self.hparams.anchor_mode == "constraint":
             self._update_anchor_weight(terms.anchor)
-        size = len(batch["pixel_values"]) if "pixel_values" in batch else len(batch["prompts"])
-        self._log_terms("train", terms, stats, size)
+        self._log_terms("train", terms, stats, _batch_length(batch))
         self._step_terms = {
             "loss": terms.loss.detach(),
             "loss_diff": terms.diff.detach(),
@@ -630,7 +715,7 @@ class ACPOModule(pl.LightningModule):
     ) -> losses.ACPOTerms:
         """Add a rollout's anchor and perceptual terms to the data terms; log its parts separately."""
         prompts = batch.get("rollout_prompts", batch.get("prompts"))
-        count = len(prompts) if prompts is not None else len(batch["pixel_values"])
+        count = len(prompts) if prompts is not None else _batch_length(batch)
         count = min(count, self.hparams.rollout_batch_size or count)
         roll = rollout_terms(
             self, list(prompts[:count]) if self.is_conditional else None, count, generator, choice
@@ -653,12 +738,10 @@ class ACPOModule(pl.LightningModule):
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator(stage, 0, batch_idx)
-        if (
-            "pixel_values" not in batch
-        ):  # prompt-only evaluation data: score the policy's own samples
+        if not _has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             return self._evaluate_rollout(stage, batch, generator)
         terms, stats = self.compute_terms(batch, generator)
-        self._log_terms(stage, terms, stats, len(batch["pixel_values"]))
+        self._log_terms(stage, terms, stats, _batch_length(batch))
         return terms.loss
 
     def _evaluate_rollout(self, stage: str, batch: dict, generator: torch.Generator) -> Tensor:
@@ -899,6 +982,17 @@ class ACPOModule(pl.LightningModule):
     def load_lora(self, path: str | Path) -> None:
         """Load an adapter written by :meth:`save_lora` into the policy UNet."""
         load_lora(self.unet, path)
+
+
+def _has_targets(batch: dict) -> bool:
+    """Whether ``batch`` holds training targets: images, or their cached VAE posteriors."""
+    return any(key in batch for key in TARGET_KEYS)
+
+
+def _batch_length(batch: dict) -> int:
+    """The number of samples of ``batch``: its targets', else its prompts'."""
+    key = next((key for key in TARGET_KEYS if key in batch), "prompts")
+    return len(batch[key])
 
 
 def _default_sampler(noise_scheduler: SchedulerMixin) -> SchedulerMixin:

@@ -1,8 +1,10 @@
 """Batch items into the dict the ACPO module consumes, tokenizing prompts when a tokenizer is given.
 
 The batch contract: ``prompts`` (``list[str]``) always; ``pixel_values`` (float ``[B, 3, H, W]``)
-when items carry images; ``input_ids`` (``LongTensor [B, L]``) and ``attention_mask`` when a
-tokenizer is given, padded and truncated to the text encoder's maximum length ``L``.
+when items carry images, or ``latent_moments`` (float ``[B, 2C, h, w]``, cached VAE posterior
+parameters, see :mod:`acpo_lightning.data.latent_cache`) when they carry cached latents;
+``input_ids`` (``LongTensor [B, L]``) and ``attention_mask`` when a tokenizer is given, padded
+and truncated to the text encoder's maximum length ``L``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRando
 # torchdata 0.11's worker loop calls a PyTorch helper deprecated in 2.9+; the notice is not ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
+#: Per-item tensors that are stacked into the batch when the items carry them.
+TENSOR_KEYS = ("pixel_values", "latent_moments")
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)) as model_max_length.
 _UNSET_LIMIT = 1_000_000
 
@@ -81,12 +85,13 @@ def tokenize_prompts(
 def collate_prompt_images(
     items: list[dict], tokenizer: Any | None = None, max_length: int | None = None
 ) -> dict:
-    """Gather ``prompt`` strings into ``prompts``, stack ``pixel_values``, tokenize if asked.
+    """Gather ``prompt`` strings into ``prompts``, stack the item tensors, tokenize if asked.
 
     Pass the tokenizer with ``functools.partial`` (picklable, so DataLoader workers get it).
 
     Args:
-        items: dataset items, dicts with ``prompt`` and optionally ``pixel_values``.
+        items: dataset items, dicts with ``prompt`` and optionally ``pixel_values`` or
+            ``latent_moments`` (:data:`TENSOR_KEYS`).
         tokenizer: a Hugging Face tokenizer, or ``None`` for no ``input_ids``.
         max_length: see :func:`tokenizer_max_length`.
 
@@ -94,8 +99,9 @@ def collate_prompt_images(
         The batch dict described in this module's docstring.
     """
     batch: dict = {"prompts": [item["prompt"] for item in items]}
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items])
+    for key in TENSOR_KEYS:
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
     if tokenizer is not None:
         batch.update(tokenize_prompts(tokenizer, batch["prompts"], max_length))
     return batch

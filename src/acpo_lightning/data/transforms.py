@@ -107,13 +107,25 @@ class ImageTransform:
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
         return pixels * 2.0 - 1.0 if self.normalize == "minus_one_one" else pixels
 
-    def _resize(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
+    def crop_slack(self, image: Image.Image) -> tuple[int, int]:
+        """How many pixels the crop window can move horizontally and vertically in ``image``.
+
+        ``(0, 0)`` means every crop of ``image`` is the same one, random or not (a square image
+        when ``resize`` is set, else an image of exactly ``resolution`` on both sides).
+        """
+        width, height = self._resized_size(image.size) if self.resize else image.size
+        return width - self.resolution, height - self.resolution
+
+    def _resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        width, height = size
         scale = self.resolution / min(width, height)
-        size = (
+        return (
             max(self.resolution, round(width * scale)),
             max(self.resolution, round(height * scale)),
         )
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        size = self._resized_size(image.size)
         if size == image.size:
             return image
         return image.resize(size, _RESAMPLE[self.interpolation], reducing_gap=None)

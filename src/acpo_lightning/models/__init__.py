@@ -1,5 +1,6 @@
 """Factories that build or load the parts ACPOModule is given (YAML ``class_path`` targets)."""
 
+from acpo_lightning.models.fingerprint import fingerprint_differences, vae_fingerprint
 from acpo_lightning.models.loading import (
     ModelNotFoundError,
     load_scheduler,
@@ -26,6 +27,7 @@ __all__ = [
     "ModelNotFoundError",
     "adapters_disabled",
     "add_lora",
+    "fingerprint_differences",
     "has_lora",
     "load_lora",
     "load_scheduler",
@@ -36,4 +38,5 @@ __all__ = [
     "lora_state_dict",
     "resolve_dtype",
     "save_lora",
+    "vae_fingerprint",
 ]
