@@ -39,6 +39,11 @@ VARIANTS = {
     "acpo_toggle_share0.25_taesd": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True
     ),
+    # latents cached by `acpo cache-latents`: batches carry the VAE posterior, not the pixels
+    "plain_lora_cached": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0, cached=True),
+    "acpo_toggle_share0.25_taesd_cached": dict(
+        w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True, cached=True
+    ),
     "acpo_separate_anchor_share0.25": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, separate=True
     ),
@@ -140,7 +145,7 @@ def build(args: argparse.Namespace, spec: dict):
     tokenizer = CLIPTokenizer.from_pretrained(
         str(write_tiny_tokenizer(Path(args.out) / "tokenizer"))
     )
-    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft", "taesd"}}
+    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft", "taesd", "cached"}}
     if spec.get("taesd"):
         knobs["perceptual_decoder"] = taesd(args.scale).to(dtype)
     module = ACPOModule(
@@ -196,6 +201,10 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         - 1,
         "prompts": [f"a photo number {i}" for i in range(args.batch)],
     }
+    if spec.get("cached"):  # what `acpo cache-latents` stores: the VAE posterior's parameters
+        with torch.no_grad():
+            pixels = batch.pop("pixel_values").to(module.device, module.vae.dtype)
+            batch["latent_moments"] = module.vae.encode(pixels).latent_dist.parameters.float()
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
