@@ -9,6 +9,7 @@ and truncated to the text encoder's maximum length ``L``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -187,3 +188,72 @@ class SeededLoaders:
             collate_fn=self.collate_fn,
             num_workers=hp.num_workers,
         )
+
+
+class PromptDataLoaders:
+    r"""Mixin for a ``LightningDataModule`` of prompts with images (or cached latents): the train,
+    val, test and predict loaders over the ``train_dataset``, ``val_dataset`` (``None``: no
+    validation data) and ``predict_dataset`` its ``setup`` fills in.
+
+    The loaders are :func:`seeded_loader`\ s (seeded shuffle, resumable) collated by
+    :func:`collate_prompt_images`, with the options set by :meth:`_set_loader_options`.
+    """
+
+    train_dataset: Dataset | None
+    val_dataset: Dataset | None
+    predict_dataset: Dataset | None
+
+    def _set_loader_options(
+        self,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        tokenizer: Any | None,
+        max_length: int | None,
+        pin_memory: bool | None,
+        persistent_workers: bool,
+    ) -> None:
+        """Store the loader options; no datasets yet (``setup`` makes them)."""
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.tokenizer = tokenizer
+        self.max_length = None if tokenizer is None else tokenizer_max_length(tokenizer, max_length)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_dataset = self.val_dataset = self.predict_dataset = None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> ResumableDataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: call setup() before asking for loaders "
+                "(the Trainer does it for you)"
+            )
+        return seeded_loader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            collate_fn=functools.partial(
+                collate_prompt_images, tokenizer=self.tokenizer, max_length=self.max_length
+            ),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training batches, shuffled."""
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> ResumableDataLoader | list:
+        """Validation batches, or ``[]`` when there is no validation data (Lightning skips it)."""
+        if self.train_dataset is not None and self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> ResumableDataLoader | list:
+        """The validation batches."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> ResumableDataLoader:
+        """Prompt-only batches (see the DataModule's own documentation for which prompts)."""
+        return self._loader(self.predict_dataset, shuffle=False)

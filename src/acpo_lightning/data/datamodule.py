@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning.data.collate import (
-    collate_prompt_images,
-    seeded_loader,
-    tokenizer_max_length,
-)
+from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
 from acpo_lightning.data.images import BadSampleError, SampleProblem
 from acpo_lightning.data.sources import (
@@ -34,7 +27,7 @@ SOURCES = ("imagefolder", "manifest", "hf", "prompts")
 DEFAULT_IMAGE_COLUMN = {"imagefolder": "file_name", "manifest": "image", "hf": "image"}
 
 
-class PromptImageDataModule(pl.LightningDataModule):
+class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
     """Prompt/image pairs (or prompts alone) from a folder, a manifest, a HF dataset or a text file.
 
     **Sources** (``source``, ``path``):
@@ -141,12 +134,11 @@ class PromptImageDataModule(pl.LightningDataModule):
         )
         self.source, self.path, self.split = source, str(path), split
         self.image_column = image_column or DEFAULT_IMAGE_COLUMN.get(source, "image")
-        self.caption_column, self.val_fraction, self.seed = caption_column, val_fraction, seed
-        self.tokenizer, self.on_bad_sample = tokenizer, on_bad_sample
-        self.max_length = None if tokenizer is None else tokenizer_max_length(tokenizer, max_length)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.caption_column, self.val_fraction = caption_column, val_fraction
+        self.on_bad_sample = on_bad_sample
+        self._set_loader_options(
+            batch_size, num_workers, seed, tokenizer, max_length, pin_memory, persistent_workers
+        )
         options = dict(
             resize=resize, upscale=upscale, normalize=normalize, interpolation=interpolation
         )
@@ -159,9 +151,6 @@ class PromptImageDataModule(pl.LightningDataModule):
         if val_prompts_path is not None:
             self.val_prompts = read_prompts(val_prompts_path, val_prompts_column or caption_column)
         self.skipped: list[SampleProblem] = []
-        self.train_dataset: PromptImageDataset | None = None
-        self.val_dataset: PromptImageDataset | None = None
-        self.predict_dataset: PromptImageDataset | None = None
 
     @property
     def num_skipped(self) -> int:
@@ -256,43 +245,6 @@ class PromptImageDataModule(pl.LightningDataModule):
         elif self.val_dataset is not None:
             message += f", {len(self.val_dataset)} validation {kind}"
         rank_zero_info(f"{message}; source {self.table.origin}; {self.num_skipped} rows skipped")
-
-    def _loader(self, dataset: PromptImageDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                "PromptImageDataModule: call setup() before asking for loaders "
-                "(the Trainer does it for you)"
-            )
-        return seeded_loader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            collate_fn=functools.partial(
-                collate_prompt_images, tokenizer=self.tokenizer, max_length=self.max_length
-            ),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Training batches: pairs (or prompts for a ``prompts`` source), shuffled."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches, or ``[]`` when there is no validation data (Lightning skips it)."""
-        if self.train_dataset is not None and self.val_dataset is None:
-            return []
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader | list:
-        """The validation batches."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """Prompt-only batches: ``val_prompts_path`` if given, else every usable row's prompt."""
-        return self._loader(self.predict_dataset, shuffle=False)
 
 
 def _check_choices(

@@ -21,7 +21,6 @@ last, so a run that stopped part-way leaves no manifest and is refused when read
 from __future__ import annotations
 
 import bisect
-import functools
 import json
 import os
 from pathlib import Path
@@ -31,10 +30,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning.data.collate import collate_prompt_images, seeded_loader, tokenizer_max_length
+from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
 from acpo_lightning.data.images import BadSampleError
 from acpo_lightning.data.sources import RecordTable, read_prompts
@@ -270,7 +269,7 @@ class CachedLatentsDataset(Dataset):
         return self._handles[shard]
 
 
-class CachedLatentsDataModule(pl.LightningDataModule):
+class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
     """Train on a latent cache written by ``acpo cache-latents`` instead of encoding images.
 
     Training batches are ``{"prompts": [...], "latent_moments": [B, 2C, h, w]}``; ``ACPOModule``
@@ -331,17 +330,12 @@ class CachedLatentsDataModule(pl.LightningDataModule):
             )
         self.path = Path(path).expanduser()
         self.manifest = read_latent_cache(self.path)
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.tokenizer = tokenizer
-        self.max_length = None if tokenizer is None else tokenizer_max_length(tokenizer, max_length)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self._set_loader_options(
+            batch_size, num_workers, seed, tokenizer, max_length, pin_memory, persistent_workers
+        )
         self.val_prompts: RecordTable | None = None
         if val_prompts_path is not None:
             self.val_prompts = read_prompts(val_prompts_path, val_prompts_column)
-        self.train_dataset: CachedLatentsDataset | None = None
-        self.val_dataset: PromptImageDataset | None = None
-        self.predict_dataset: Dataset | None = None
 
     @property
     def latent_cache_fingerprint(self) -> dict[str, Any]:
@@ -377,40 +371,3 @@ class CachedLatentsDataModule(pl.LightningDataModule):
             f"{self.manifest['dtype']}) from {self.path}"
             + (f", {len(self.val_dataset)} validation prompts" if self.val_dataset else "")
         )
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                "CachedLatentsDataModule: call setup() before asking for loaders "
-                "(the Trainer does it for you)"
-            )
-        return seeded_loader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            collate_fn=functools.partial(
-                collate_prompt_images, tokenizer=self.tokenizer, max_length=self.max_length
-            ),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Cached posteriors and their prompts, shuffled."""
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Prompt-only batches of ``val_prompts_path``, or ``[]`` (Lightning skips it)."""
-        if self.train_dataset is not None and self.val_dataset is None:
-            return []
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader | list:
-        """The validation batches."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """Prompt-only batches: ``val_prompts_path`` if given, else the cached prompts."""
-        return self._loader(self.predict_dataset, shuffle=False)
