@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 
 # Before anything imports huggingface_hub (which reads these once): tests never reach a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -65,3 +68,28 @@ def shapes_batch(size: int = 4, image_size: int = 32) -> dict:
 
     dataset = ShapesDataset(length=size, size=image_size)
     return collate_prompt_images([dataset[i] for i in range(size)])
+
+
+def run_acpo(
+    args: list[str],
+    cwd: Path,
+    preexec_fn: Callable[[], None] | None = None,
+    timeout: float = 300,
+    base_env: Mapping[str, str] | None = None,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """``python -m acpo_lightning ARGS`` in ``cwd``: offline, no ``ACPO_DEBUG``, output captured.
+
+    ``base_env`` replaces ``os.environ`` as the environment the child starts from; ``env`` adds to it.
+    """
+    environment = {**(os.environ if base_env is None else base_env), "HF_HUB_OFFLINE": "1", **env}
+    environment.pop("ACPO_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "acpo_lightning", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )

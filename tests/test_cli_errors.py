@@ -17,8 +17,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from acpo_lightning.checkpoint_io import (
     UnsafeCheckpointError,
 )
 from acpo_lightning.cli import build_cli, main
-from conftest import CONFIGS
+from conftest import CONFIGS, run_acpo
 
 TINY = ["--config", str(CONFIGS / "acpo.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
 CHECKPOINTS = Path("outputs", "tiny", "checkpoints")
@@ -51,25 +49,6 @@ def one_error(err: str) -> str:
     assert len(starts) == 1, err[-3000:]
     end = next(i for i in range(starts[0], len(lines)) if lines[i].startswith("(set ACPO_DEBUG"))
     return "\n".join(lines[starts[0] : end])
-
-
-def run_acpo(
-    args: list[str],
-    cwd: Path,
-    preexec_fn: Callable[[], None] | None = None,
-    **env: str,
-) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
-    environment.pop("ACPO_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "acpo_lightning", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=preexec_fn,
-    )
 
 
 @pytest.fixture(autouse=True)
@@ -112,13 +91,11 @@ def test_missing_weights_offline_name_the_model_and_the_fix(tmp_path: Path) -> N
     empty = tmp_path / "hf-home"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "acpo_lightning", "fit", "--config", str(CONFIGS / "acpo.yaml")],
-        cwd=tmp_path,
-        env={**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(empty)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_acpo(
+        ["fit", "--config", str(CONFIGS / "acpo.yaml")],
+        tmp_path,
+        base_env=env,
+        HF_HOME=str(empty),
     )
     assert result.returncode == 2, result.stderr[-3000:]
     message = one_error(result.stderr)

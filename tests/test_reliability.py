@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,7 +15,7 @@ from acpo_lightning.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError
 from acpo_lightning.data import ShapesDataModule
 from acpo_lightning.module import NonFiniteTrainingError
 from acpo_lightning.testing import InjectNonFinite
-from conftest import CONFIGS, make_module
+from conftest import CONFIGS, make_module, run_acpo
 
 #: The tiny config: 16 images in batches of 4, so an epoch is 4 steps. Constraint mode, so the
 #: dual variable (w_anchor) and its running drift must be restored too.
@@ -46,15 +44,7 @@ def _overlay(path: Path, every: int, kill_at: int | None) -> Path:
 
 
 def _acpo(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "acpo_lightning", "fit", *TINY, *COMMON, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_acpo(["fit", *TINY, *COMMON, *args], cwd, timeout=600, PYTHONHASHSEED="0")
 
 
 def _assert_same_training_state(a: dict, b: dict) -> None:
