@@ -14,8 +14,9 @@ import errno
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -50,26 +51,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 "Lightning's TorchCheckpointIO for remote storage."
             )
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-            _fsync_directory(path.parent)
+            write_atomically(path, lambda handle: torch.save(checkpoint, handle))
         except (OSError, RuntimeError) as error:
-            temporary.unlink(missing_ok=True)
             # torch.save reports a failed write of its zip writer as a RuntimeError ("unexpected
             # pos"), with the OSError (ENOSPC, EFBIG, ...) as its context
             cause = _os_error_in(error)
             if cause is None:
                 raise
             raise _write_error(path, cause) from error
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(
         self,
@@ -147,6 +138,29 @@ def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
         f"could not write checkpoint {path}: {reason}{f' ({code})' if code else ''}; "
         f"{previous}. Fix: {hint}, then resume with --ckpt_path last",
     )
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` so that readers see the old file or the whole new one, even after a crash.
+
+    ``write(handle)`` fills a temporary file beside ``path`` (same file system), which is fsynced
+    and renamed over ``path`` (``os.replace``); then the folder is fsynced so the rename lasts.
+    On any failure the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the file to write.
+        write: writes the content to an open binary file.
+    """
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:

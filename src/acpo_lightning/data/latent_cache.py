@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from acpo_lightning.checkpoint_io import write_atomically
 from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
 from acpo_lightning.data.images import BadSampleError
@@ -56,19 +56,6 @@ def rerun_hint(folder: str | Path) -> str:
         f"Fix: re-run `acpo cache-latents --config <your training config(s)> --out {folder} "
         "--overwrite`."
     )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class LatentCacheWriter:
@@ -109,7 +96,8 @@ class LatentCacheWriter:
         shard, rest = queued[:rows].contiguous(), queued[rows:]
         self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
         name = f"shard-{len(self.shards):05d}.safetensors"
-        write_atomically(self.folder / name, save({SHARD_KEY: shard}))
+        data = save({SHARD_KEY: shard})
+        write_atomically(self.folder / name, lambda handle: handle.write(data))
         self.shards.append({"file": name, "rows": len(shard)})
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +110,7 @@ class LatentCacheWriter:
             self._flush(self._pending_rows)
         manifest = {"format": FORMAT, "version": VERSION, **manifest, "shards": self.shards}
         data = json.dumps(manifest, indent=1, ensure_ascii=False).encode()
-        write_atomically(self.folder / MANIFEST_NAME, data)
+        write_atomically(self.folder / MANIFEST_NAME, lambda handle: handle.write(data))
         return manifest
 
 

@@ -149,7 +149,9 @@ def write_lora_file(
     ``save_lora_weights`` writes it, so that ``load_lora_weights`` uses its ``lora_alpha`` (without
     it, diffusers assumes ``alpha == rank``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from acpo_lightning.checkpoint_io import write_atomically
 
     metadata = {"format": "pt"}
     if config is not None:
@@ -160,12 +162,10 @@ def write_lora_file(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHT_NAME
-    tmp = path.with_suffix(".tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)  # atomic: a failed write never leaves a half file under the real name
+    try:  # atomic: a failed write never leaves a half file under the real name
+        data = save(state, metadata=metadata)
+        write_atomically(path, lambda handle: handle.write(data))
     except Exception as error:
-        tmp.unlink(missing_ok=True)
         previous = "the previous export there is intact" if path.exists() else "no file was left"
         raise OSError(
             f"could not write LoRA weights {path}: {error}; {previous}. Fix: free disk space or "
