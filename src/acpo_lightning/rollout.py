@@ -100,7 +100,10 @@ def rollout_terms(
             stop_after=first_grad,
         )
     for _ in range(hp.draft_k - 1):
-        pred = checkpoint(run.predict, policy, latents, cond, uncond, guidance, use_reentrant=False)
+        # the step index is bound now: the backward pass recomputes this call after `advance`
+        pred = checkpoint(
+            run.predict, policy, latents, cond, uncond, guidance, run.index, use_reentrant=False
+        )
         latents = run.advance(pred, latents)
     timestep = run.timestep
     pred = run.predict(policy, latents, cond, uncond, guidance)
@@ -108,7 +111,7 @@ def rollout_terms(
     anchor = losses.anchor_penalty(pred, anchor_pred).mean()
     timesteps = timestep.expand(count)
     x0_hat = losses.predicted_original(
-        latents, pred.float(), run.scheduler.alphas_cumprod, timesteps, module.prediction_type
+        latents, pred.float(), run.alphas_cumprod, timesteps, module.prediction_type
     )
     scores = module.normalized_quality(x0_hat, prompts)
     perc = losses.perceptual_loss(scores, losses.late_mask(timesteps, hp.tau))

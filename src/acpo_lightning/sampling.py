@@ -74,24 +74,35 @@ class SamplerRun:
     """
 
     def __init__(
-        self, scheduler, num_inference_steps: int, device, generator: torch.Generator | None = None
-    ) -> None:  # type: ignore[no-untyped-def]
+        self,
+        scheduler,  # type: ignore[no-untyped-def]
+        num_inference_steps: int,
+        device,  # type: ignore[no-untyped-def]
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> None:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.scheduler = fresh_scheduler(scheduler)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self.timesteps = self.scheduler.timesteps
+        # host copies for the scheduler's own table lookups: indexing its CPU tables with a device
+        # tensor would cost a device sync at every step (one sync here instead)
+        self.host_timesteps: list[int | float] = self.timesteps.tolist()
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        #: the schedule on ``device``, for x0 recovery without a host-to-device copy per step
+        self.alphas_cumprod = alphas_cumprod.to(device) if alphas_cumprod is not None else None
         self.index = 0
         self.step_kwargs = {}
         if (
             generator is not None
             and "generator" in inspect.signature(self.scheduler.step).parameters
         ):
+            # a list (one per image) as the diffusers pipelines pass it to stochastic samplers
             self.step_kwargs["generator"] = generator
 
     @property
     def timestep(self) -> Tensor:
-        """The timestep the next :meth:`step` uses."""
+        """The timestep the next :meth:`advance` takes, as a tensor on the run's device."""
         return self.timesteps[self.index]
 
     @property
@@ -109,15 +120,23 @@ class SamplerRun:
         cond: Tensor | None,
         uncond: Tensor | None,
         guidance_scale: float,
+        index: int | None = None,
     ) -> Tensor:
-        """The (guided) model output at the current step, without stepping."""
-        model_input = self.scheduler.scale_model_input(latents, self.timestep)
-        return guided_prediction(unet_fn, model_input, self.timestep, cond, uncond, guidance_scale)
+        """The (guided) model output at step ``index`` (default: the current one), without stepping.
+
+        Pass ``index`` explicitly when the call may be re-run later (activation checkpointing
+        recomputes it in the backward pass, after :meth:`advance` has moved the run on).
+        """
+        index = self.index if index is None else index
+        model_input = self.scheduler.scale_model_input(latents, self.host_timesteps[index])
+        return guided_prediction(
+            unet_fn, model_input, self.timesteps[index], cond, uncond, guidance_scale
+        )
 
     def advance(self, pred: Tensor, latents: Tensor) -> Tensor:
         """Take the current step with a given model output; returns the next latents."""
         latents = self.scheduler.step(
-            pred, self.timestep, latents, **self.step_kwargs, return_dict=False
+            pred, self.host_timesteps[self.index], latents, **self.step_kwargs, return_dict=False
         )[0]
         self.index += 1
         return latents
@@ -131,7 +150,7 @@ def denoise(
     uncond: Tensor | None,
     guidance_scale: float,
     num_inference_steps: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     stop_after: int | None = None,
 ) -> tuple[Tensor, SamplerRun]:
     """Run the sampler from pure noise; optionally stop early.
@@ -144,7 +163,8 @@ def denoise(
         uncond: empty-prompt embeddings for classifier-free guidance, or ``None``.
         guidance_scale: CFG scale ``g``; guidance is skipped for ``g <= 1``.
         num_inference_steps: number of sampler steps.
-        generator: randomness of stochastic samplers.
+        generator: randomness of stochastic samplers: one generator, or one per image (as the
+            diffusers pipelines pass them).
         stop_after: if given, return after this many steps, before the next one is taken.
 
     Returns:
