@@ -297,3 +297,19 @@ def test_a_perceptual_share_that_rounds_to_no_sample_warns_once(tokenizer_dir) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.compute_terms(shapes_batch(), torch.Generator().manual_seed(1))
+
+
+def test_generate_in_bf16_after_an_fp32_empty_prompt_cache(tokenizer_dir) -> None:
+    """CUDA autocast leaves the cached empty-prompt embedding in fp32; bf16 weights must still run."""
+    from acpo_lightning.rollout import rollout_terms
+
+    module = make_module(
+        tokenizer_dir, num_inference_steps=2, guidance_scale=3.0, rollout_steps=2, k_late=1
+    )
+    module._null_embedding = module.encode_prompts([""]).float()  # as cached under autocast
+    for part in (module.unet, module.vae, module.text_encoder):  # bf16 weights, fp32 head
+        part.to(torch.bfloat16)
+    images = module.generate(["a red square"], seed=0)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    roll = rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(0))
+    assert torch.isfinite(roll.perc)

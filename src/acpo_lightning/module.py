@@ -391,11 +391,17 @@ class ACPOModule(pl.LightningModule):
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
-    def null_embedding(self) -> Tensor:
-        """Cached embedding of the empty prompt (the unconditional branch of CFG)."""
+    def null_embedding(self, like: Tensor | None = None) -> Tensor:
+        """Cached embedding of the empty prompt (the unconditional branch of CFG).
+
+        Args:
+            like: conditioning whose dtype the result takes. The cache keeps the dtype it was
+                computed in (fp32 under CUDA autocast, where LayerNorm runs in fp32), which need
+                not be the conditioning's dtype later (bf16 weights outside autocast).
+        """
         if self._null_embedding is None or self._null_embedding.device != self.device:
             self._null_embedding = self.encode_prompts([""])
-        return self._null_embedding
+        return self._null_embedding if like is None else self._null_embedding.to(like.dtype)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, generator: torch.Generator) -> Tensor:
@@ -591,7 +597,7 @@ class ACPOModule(pl.LightningModule):
                 torch.rand(size, generator=generator, device=self.device)
                 < self.hparams.prompt_dropout
             )
-            cond = torch.where(drop.view(-1, 1, 1), self.null_embedding().to(cond.dtype), cond)
+            cond = torch.where(drop.view(-1, 1, 1), self.null_embedding(cond), cond)
         return cond
 
     def _perceptual_scores(
@@ -878,7 +884,7 @@ class ACPOModule(pl.LightningModule):
             cond = uncond = None
             if self.is_conditional:
                 cond = self.encode_prompts(list(prompts))
-                uncond = self.null_embedding().expand_as(cond) if guidance > 1.0 else None
+                uncond = self.null_embedding(cond).expand_as(cond) if guidance > 1.0 else None
             shape = (count, self.latent_channels, self.latent_size, self.latent_size)
             generators = per_sample_generators(seed, count)
             noise = initial_noise(

@@ -75,9 +75,10 @@ def rollout_terms(
     cond = uncond = None
     if module.is_conditional:
         cond = module.encode_prompts(prompts)
-        uncond = module.null_embedding().expand_as(cond) if guidance > 1.0 else None
+        uncond = module.null_embedding(cond).expand_as(cond) if guidance > 1.0 else None
     shape = (count, module.latent_channels, module.latent_size, module.latent_size)
-    noise = torch.randn(shape, generator=generator, device=module.device)
+    # in the policy's own dtype, as generate() does (fp32 weights under mixed precision)
+    noise = torch.randn(shape, generator=generator, device=module.device, dtype=module.unet.dtype)
     if host_generator is None:
         host_generator = torch.Generator().manual_seed(generator.initial_seed())
     offset = int(torch.randint(0, hp.k_late, (1,), generator=host_generator))
