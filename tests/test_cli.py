@@ -116,30 +116,6 @@ def test_lightning_console_script_runs_the_user_command(tmp_path) -> None:
     assert module_help.returncode == 0 and "fit" in module_help.stdout
 
 
-@pytest.mark.parametrize(
-    ("extra", "expected"),
-    [
-        (["--model.not_a_knob", "1"], "not_a_knob"),
-        (["--model.tau", "late"], "tau"),
-        (["--model.anchor_mode", "soft"], "anchor_mode"),
-    ],
-)
-def test_bad_config_values_exit_with_the_key_named(extra, expected, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *_config_args("tiny.yaml"), *extra])
-    assert exit_info.value.code == 2
-    assert expected in capsys.readouterr().err
-
-
-def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  w_percc: 0.5\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *_config_args("tiny.yaml"), "--config", str(bad)])
-    assert exit_info.value.code == 2
-    assert "w_percc" in capsys.readouterr().err
-
-
 def test_out_of_range_tau_stops_before_training_with_one_clear_line(
     tmp_path, monkeypatch, capsys
 ) -> None:

@@ -3,8 +3,7 @@
 Each case runs the real ``acpo`` on the tiny config (in-process where it can, in a subprocess
 where the case needs its own process: an empty Hugging Face cache, dropped root privileges, a
 file-size limit). Exit 2: the input is wrong and nothing ran; exit 1: the run stopped part-way.
-A config with an unknown key or a value of the wrong type is covered in ``tests/test_cli.py``
-(``test_bad_config_values_exit_with_the_key_named``, ``test_unknown_key_in_a_config_file_is_named``).
+An unknown key or a value of the wrong type ends at parse time, before any model is built.
 """
 
 from __future__ import annotations
@@ -82,6 +81,69 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         for p in sorted(folder.iterdir())
         if p.is_file() and p.suffix in (".ckpt", ".safetensors")
     }
+
+
+# ------------------------------------------------------------------ config keys and types
+def parse_error(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """The one ``acpo: error:`` line of a command line that fails to parse (exit 2, no usage)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *TINY, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and "tip:" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("acpo: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert err.splitlines()[-2:] == [errors[0], "(set ACPO_DEBUG=1 for the traceback)"], err
+    return errors[0]
+
+
+def test_an_unknown_key_on_the_command_line_is_one_line_with_the_closest_key(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    line = parse_error(capsys, "--model.w_anchr", "1")
+    assert "unknown key model.w_anchr" in line and "on the command line" in line
+    assert "closest valid key: model.w_anchor (float)" in line
+    line = parse_error(capsys, "--model.not_a_knob", "1")  # nothing close: still the nearest
+    assert "unknown key model.not_a_knob" in line and "closest valid key: model." in line
+
+
+def test_an_unknown_key_in_a_config_file_is_one_line_with_the_closest_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  w_percc: 0.5\n")
+    line = parse_error(capsys, "--config", str(bad))
+    assert "unknown key model.w_percc" in line and "in a config file" in line
+    assert "closest valid key: model.w_perc (float)" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--model.tau", "four hundred"], "model.tau expects int, got 'four hundred'"),
+        (
+            ["--model.anchor_mode", "soft"],
+            "model.anchor_mode expects one of 'penalty', 'constraint'",
+        ),
+        (["--trainer.max_steps", "ten"], "trainer.max_steps expects int, got 'ten'"),
+        (["--data.init_args.batch_size", "many"], "data.init_args.batch_size expects int"),
+    ],
+    ids=["int", "literal", "trainer-int", "init-arg"],
+)
+def test_a_value_of_the_wrong_type_is_one_line_with_the_type(
+    args: list[str], named: str, capsys: pytest.CaptureFixture
+) -> None:
+    line = parse_error(capsys, *args)
+    assert named in line
+    assert f"Fix: e.g. `{args[0]} " in line
+
+
+def test_an_unknown_init_arg_of_a_class_is_one_line_with_the_closest_parameter(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    line = parse_error(capsys, "--model.unet.init_args.rankk", "3")
+    assert "unknown key model.unet.init_args.rankk" in line
+    assert "closest valid key: model.unet.init_args.rank (int)" in line
 
 
 # ------------------------------------------------------------------ missing weights

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from acpo_lightning.checkpoint_io import (
     CheckpointWriteError,
@@ -40,6 +40,7 @@ from acpo_lightning.checkpoint_io import (
     UnsafeCheckpointError,
     refusal_reason,
 )
+from acpo_lightning.config_errors import ConfigError, explain
 from acpo_lightning.data.images import BadSampleError
 from acpo_lightning.module import ACPOModule, NonFiniteTrainingError
 
@@ -181,6 +182,23 @@ def _raised_in_setup(error: BaseException, owners: list[Any]) -> bool:
     )
 
 
+class ACPOArgumentParser(LightningArgumentParser):
+    """jsonargparse's parser whose usage errors end in one line (:mod:`acpo_lightning.config_errors`).
+
+    An unknown key or a value of the wrong type, on the command line or in a ``--config`` file,
+    prints ``acpo: error: <key>, <expected type or closest valid key>, <fix>`` and exits 2,
+    instead of the parser's usage (about 85 lines) and a bare ``error:``.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """End the command with one line; jsonargparse's own handling when it catches the error."""
+        if not self.exit_on_error:  # jsonargparse parses a nested value and expects the raise
+            super().error(message, ex)
+        error = ConfigError(explain(self, message, getattr(self, "args", None)))
+        error.__cause__ = ex
+        fail(error)
+
+
 class ACPOCLI(LightningCLI):
     """LightningCLI whose errors that the user can fix end in one clear line (see the module doc).
 
@@ -303,7 +321,7 @@ def parse_run_config(args: list[str]) -> Any:
         args: ``--config FILE`` (repeatable) and ``--key value`` overrides, as for ``fit``.
 
     Raises:
-        SystemExit: a config that does not parse (jsonargparse's usage message, exit 2).
+        SystemExit: a config that does not parse (one ``acpo: error:`` line, exit 2).
     """
     with warnings.catch_warnings():  # args are given on purpose, whatever sys.argv holds
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -327,6 +345,7 @@ def build_cli(
         pl.LightningDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf", "epilog": _EPILOG},
+        parser_class=ACPOArgumentParser,
         save_config_callback=ACPOSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
