@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from acpo_lightning.quality.base import QualityHead
+from acpo_lightning.quiet_imports import quiet_imports
+
+with quiet_imports():  # diffusers' models import peft, then bitsandbytes: see quiet_imports
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 16

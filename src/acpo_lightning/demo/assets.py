@@ -9,12 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from acpo_lightning.demo.classifier import FashionClassifier
 from acpo_lightning.models.loading import ModelNotFoundError
 from acpo_lightning.quality.two_stream import TwoStreamIQA
+from acpo_lightning.quiet_imports import quiet_imports
+
+with quiet_imports():  # diffusers' models import peft, then bitsandbytes: see quiet_imports
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 

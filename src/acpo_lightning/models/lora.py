@@ -12,14 +12,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import (
-    LoraConfig,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from acpo_lightning.quiet_imports import quiet_imports
+
+with quiet_imports():  # peft imports bitsandbytes: see quiet_imports
+    from peft import (
+        LoraConfig,
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 #: Attention projections of diffusers' UNets (self- and cross-attention), the usual SD LoRA targets.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
