@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +72,30 @@ def test_pickscore_and_clipscore_equal_their_formulas_on_a_hand_computed_cosine(
     assert {"backbone", "formula", "range"} <= set(pick.info) and "logit_scale" in pick.info[
         "formula"
     ]
+
+
+def test_bf16_pickscore_keeps_its_logit_scale_in_fp32(clip_dir) -> None:
+    """bf16 stores ln 100 as 4.59375, whose exp is 98.86: scores 1.14 % low if the scale is cast.
+
+    The towers' own bf16 rounding moves this tiny random CLIP's cosines by a few percent, so the
+    score is compared with the fp32 scale times the bf16 model's own cosine (within 0.1 %).
+    """
+    from transformers import CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    model = T.tiny_clip_model(seed=4)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # PickScore_v1's scale
+    fp32 = PickScore(model=copy.deepcopy(model), processor=processor)
+    bf16 = PickScore(model=copy.deepcopy(model), processor=processor, torch_dtype="bfloat16")
+    assert bf16.model.text_projection.weight.dtype == torch.bfloat16  # the towers are bf16
+    images = _images()
+    for metric in (fp32, bf16):
+        cosine = metric.cosine(images, PROMPTS)
+        assert cosine.dtype == torch.float32
+        torch.testing.assert_close(metric.score(images, PROMPTS), 100.0 * cosine, rtol=1e-3, atol=0)
+    with pytest.warns(RuntimeWarning, match=r"logit_scale is stored in torch.bfloat16.*float32"):
+        PickScore(model=copy.deepcopy(model).to(torch.bfloat16), processor=processor)
 
 
 def test_uint8_and_unit_float_images_score_the_same(clip_dir) -> None:

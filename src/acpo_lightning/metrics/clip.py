@@ -8,6 +8,7 @@ crop and normalization in torch; text through the processor's tokenizer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,20 @@ def load_clip(
     return loaded[0], loaded[1]
 
 
+def _float32_logit_scale(model: nn.Module) -> float:
+    """The model's ``logit_scale`` as a float; warns when it is already stored in half precision."""
+    scale = model.logit_scale.detach()
+    if scale.dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(
+            f"the CLIP model's logit_scale is stored in {scale.dtype} ({float(scale):.5f}), which "
+            "rounds exp(logit_scale) by up to 1 % (ln 100 -> 98.86 in bfloat16); pass the model in "
+            "float32 with torch_dtype='bfloat16' so that the scale stays in float32.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return float(scale.float())
+
+
 class _CLIPPairMetric(Metric):
     """Mean of a per-pair score of image ``i`` with prompt ``i`` on a frozen ``CLIPModel``."""
 
@@ -95,6 +110,9 @@ class _CLIPPairMetric(Metric):
                 type(self).__name__ + " model",
                 local_files_only,
             )
+        #: ``logit_scale`` in float32, read before any cast: bf16 stores PickScore's ln 100 as
+        #: 4.59375, whose exp is 98.86 (every score 1.14 % low).
+        self.logit_scale = _float32_logit_scale(model)
         dtype = resolve_dtype(torch_dtype)
         self.model = model.to(dtype) if dtype is not None else model
         self.model.requires_grad_(False).eval()
@@ -215,7 +233,8 @@ class PickScore(_CLIPPairMetric):
         pretrained_model_name_or_path: the reward model (default ``yuvalkirstain/PickScore_v1``).
         processor_name_or_path: its processor (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
         local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
-        torch_dtype: backbone dtype (``bfloat16`` halves the 4 GB of ViT-H); sums stay float32.
+        torch_dtype: backbone dtype (``bfloat16`` halves the 4 GB of ViT-H); ``logit_scale``, the
+            cosine and the sums stay float32.
         model: an already loaded ``CLIPModel`` (then ``processor`` too); nothing is loaded.
         processor: an already loaded ``CLIPProcessor``.
         **kwargs: ``torchmetrics.Metric`` options.
@@ -236,6 +255,4 @@ class PickScore(_CLIPPairMetric):
 
     def score(self, images: MF.ImageInput, prompts: str | Sequence[str]) -> Tensor:
         """Per-pair PickScores ``[B]``."""
-        return MF.pickscore_from_cosine(
-            self.cosine(images, prompts), self.model.logit_scale.detach()
-        )
+        return MF.pickscore_from_cosine(self.cosine(images, prompts), self.logit_scale)

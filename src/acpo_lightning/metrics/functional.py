@@ -107,9 +107,14 @@ def clip_score_from_cosine(cosine: Tensor) -> Tensor:
     return 100.0 * cosine.clamp(min=0.0)
 
 
-def pickscore_from_cosine(cosine: Tensor, logit_scale: Tensor) -> Tensor:
-    """PickScore: ``exp(logit_scale) * cos`` (the reward model's own logit scale, 100 for PickScore_v1)."""
-    return logit_scale.float().exp() * cosine
+def pickscore_from_cosine(cosine: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """PickScore: ``exp(logit_scale) * cos`` (the reward model's own logit scale, 100 for PickScore_v1).
+
+    ``exp`` is taken in float32 whatever the dtype of ``logit_scale``; pass it in float32 (a
+    bfloat16 ln 100 is 4.59375, exp 98.86).
+    """
+    scale = torch.as_tensor(logit_scale, device=cosine.device).float().exp()
+    return scale * cosine.float()
 
 
 def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
