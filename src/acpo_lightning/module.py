@@ -977,9 +977,14 @@ class ACPOModule(pl.LightningModule):
                 "ACPOModule.load_from_checkpoint never unpickles Python objects (weights_only=False "
                 "was asked); drop the argument, our checkpoints hold tensors only."
             )
-        return super().load_from_checkpoint(
-            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
-        )
+        with warnings.catch_warnings():
+            # Lightning lists every frozen weight (one line of ~20,000 characters at SD size);
+            # they are left out on purpose, and a missing trainable weight is refused by
+            # on_load_checkpoint before this warning. Keys the module lacks are still reported.
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+            )
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
