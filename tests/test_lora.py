@@ -83,3 +83,14 @@ def test_pixel_unet_without_peft_mixin_gets_lora() -> None:
     with adapters_disabled(unet):
         base = unet(x, t).sample
     assert has_lora(unet) and not torch.allclose(unet(x, t).sample, base)
+
+
+def test_toggle_keeps_the_users_frozen_adapter_weights_frozen() -> None:
+    unet = add_lora(T.tiny_unet(), rank=4)
+    frozen = [p for n, p in unet.named_parameters() if "lora_A" in n]
+    for param in frozen:
+        param.requires_grad_(False)  # e.g. train only the B matrices
+    with adapters_disabled(unet):
+        pass
+    assert not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for n, p in unet.named_parameters() if "lora_B" in n)

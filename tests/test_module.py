@@ -313,3 +313,139 @@ def test_generate_in_bf16_after_an_fp32_empty_prompt_cache(tokenizer_dir) -> Non
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
     roll = rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(0))
     assert torch.isfinite(roll.perc)
+
+
+def _offset_policy_module(tokenizer_dir, **kwargs) -> ACPOModule:
+    """Full fine-tuning whose policy is the anchor plus a constant output offset of 0.1.
+
+    Every sample, data or rollout, either CFG branch, drifts by exactly 0.1**2 per element.
+    """
+    parts = dict(
+        quality_head=T.TinyQualityHead(),
+        noise_scheduler=T.tiny_scheduler(),
+        vae=T.tiny_vae(),
+        text_encoder=T.tiny_text_encoder(),
+        tokenizer=T.tiny_tokenizer(str(tokenizer_dir)),
+    )
+    unet, anchor = T.tiny_unet(sample_size=16), T.tiny_unet(sample_size=16)  # same seed
+    with torch.no_grad():
+        unet.conv_out.bias += 0.1
+    return ACPOModule(
+        unet=unet,
+        anchor_unet=anchor,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.0),  # the policy stays put
+        **parts,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_constraint_mode_constrains_one_drift_whatever_the_rollout_ratio(
+    tokenizer_dir, tmp_path
+) -> None:
+    weights = {}
+    for ratio in (0.0, 0.5, 1.0):
+        module = _offset_policy_module(
+            tokenizer_dir,
+            anchor_mode="constraint",
+            anchor_delta=0.004,
+            dual_lr=10.0,
+            objective="both",
+            rollout_ratio=ratio,
+            rollout_steps=3,
+            k_late=2,
+            guidance_scale=5.0,
+        )
+        _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(
+            module, ShapesDataModule(train_size=16, batch_size=4)
+        )
+        torch.testing.assert_close(module.drift_ema, torch.tensor(0.01), rtol=1e-4, atol=0)
+        weights[ratio] = module.w_anchor.item()
+    # four dual steps of 10 * (0.01 - 0.004) from 1.0, whatever the share of rollout steps
+    assert weights[0.0] == pytest.approx(1.24, rel=1e-3)
+    assert weights[0.5] == pytest.approx(weights[0.0], rel=1e-4)
+    assert weights[1.0] == pytest.approx(weights[0.0], rel=1e-4)
+
+
+def test_dual_ascent_steps_once_per_optimizer_step(tokenizer_dir, tmp_path) -> None:
+    module = _offset_policy_module(
+        tokenizer_dir, anchor_mode="constraint", anchor_delta=0.004, dual_lr=10.0
+    )
+    _trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=2).fit(
+        module, ShapesDataModule(train_size=16, batch_size=4)
+    )
+    assert int(module.drift_ema_steps) == 2  # 4 micro-batches, 2 optimizer steps
+    assert module.w_anchor.item() == pytest.approx(1.0 + 2 * 10.0 * (0.01 - 0.004), rel=1e-3)
+
+
+def test_a_stochastic_sampler_draws_each_images_noise_from_its_own_seed(tokenizer_dir) -> None:
+    from diffusers import DDPMScheduler
+
+    module = make_module(
+        tokenizer_dir,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        sample_scheduler=DDPMScheduler.from_config(T.tiny_scheduler().config),
+    )
+    pair = module.generate(["a red square", "a blue circle"], seed=7)
+    alone = module.generate(["a blue circle"], seed=8)  # image 1 of the pair, seed 7 + 1
+    torch.testing.assert_close(alone[0], pair[1], rtol=0, atol=1e-5)  # batching only rounds
+
+
+def test_default_sampler_gets_the_pipelines_fixes_for_old_scheduler_configs(tokenizer_dir) -> None:
+    from diffusers import DDPMScheduler
+
+    old = DDPMScheduler.from_config({**T.tiny_scheduler().config, "steps_offset": 0})
+    old.register_to_config(clip_sample=True)
+    module = make_module(tokenizer_dir, noise_scheduler=old)
+    # what StableDiffusionPipeline.__init__ does to such a config
+    assert module.sample_scheduler.config.steps_offset == 1
+    assert module.sample_scheduler.config.clip_sample is False
+    assert module.noise_scheduler.config.clip_sample is True  # the training schedule is as given
+
+
+def _alone(module: ACPOModule, prompt: str, index: int) -> torch.Tensor:
+    return module.generate([prompt], seed=module.hparams.seed + index)[0]
+
+
+def test_prediction_seeds_each_prompt_by_its_index_in_the_whole_set(
+    tokenizer_dir, tmp_path
+) -> None:
+    module = make_module(tokenizer_dir, num_inference_steps=2, seed=11)
+    data = ShapesDataModule(val_size=5, batch_size=2)  # batches of 2, 2 and 1
+    outputs = _trainer(tmp_path).predict(module, data)
+    seeds = [seed for out in outputs for seed in out["seeds"]]
+    assert seeds == [11 + i for i in range(5)]  # the short last batch reuses no seed
+    prompts = [p for out in outputs for p in out["prompts"]]
+    images = torch.cat([out["images"] for out in outputs])
+    for index in (0, 4):
+        torch.testing.assert_close(
+            images[index], _alone(module, prompts[index], index), rtol=0, atol=1e-5
+        )
+
+
+def test_two_prediction_ranks_draw_from_disjoint_seeds(tokenizer_dir) -> None:
+    """Each rank gets an interleaved share; its images are seeded by their global index."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    module = make_module(tokenizer_dir, num_inference_steps=2)
+    data = ShapesDataModule(val_size=5, batch_size=2)
+    by_index = {}
+    for rank in (0, 1):
+        loader = data.predict_dataloader()
+        sampler = _get_distributed_sampler(
+            loader, False, 0, RunningStage.PREDICTING, num_replicas=2, rank=rank
+        )
+        loader = _update_dataloader(loader, sampler, mode=RunningStage.PREDICTING)
+        for batch_idx, batch in enumerate(loader):
+            out = module.predict_step(batch, batch_idx)
+            for index, prompt, image, seed in zip(
+                batch["indices"].tolist(), out["prompts"], out["images"], out["seeds"], strict=True
+            ):
+                assert index not in by_index and seed == index
+                by_index[index] = (prompt, image)
+    assert sorted(by_index) == list(range(5))
+    for index, (prompt, image) in by_index.items():
+        torch.testing.assert_close(image, _alone(module, prompt, index), rtol=0, atol=1e-5)

@@ -143,7 +143,7 @@ def test_the_module_installs_safe_checkpoint_io_in_a_plain_trainer(tmp_path: Pat
 
 
 # ------------------------------------------------------------------ non-finite guard
-def _fit(module, tmp_path: Path, steps: int, callbacks: list) -> pl.Trainer:
+def _fit(module, tmp_path: Path, steps: int, callbacks: list, **trainer_args) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -154,6 +154,7 @@ def _fit(module, tmp_path: Path, steps: int, callbacks: list) -> pl.Trainer:
         limit_val_batches=0,
         default_root_dir=tmp_path,
         callbacks=callbacks,
+        **trainer_args,
     )
     trainer.fit(module, ShapesDataModule(train_size=16, batch_size=4))
     return trainer
@@ -195,6 +196,7 @@ def test_a_nan_quality_score_skips_the_step_and_training_goes_on(
     assert not _same(snaps.weights[3], snaps.weights[2])  # the next step trains again
     assert all(torch.isfinite(w).all() for w in snaps.weights[3].values())
     assert torch.isfinite(module.w_anchor_state) and torch.isfinite(module.drift_ema)
+    assert int(module.drift_ema_steps) == 3  # the dual variable stepped with the weights only
     assert int(module.skipped_steps) == 1
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
     assert "step 2 skipped: non-finite train/loss_perc" in caplog.text
@@ -229,3 +231,38 @@ def test_the_guard_can_be_turned_off(tmp_path: Path) -> None:
     _fit(module, tmp_path, 2, [])
     assert int(module.skipped_steps) == 0
     assert not torch.isfinite(param).all()  # what the guard prevents
+
+
+def _fp16_scaler(init_scale: float) -> tuple[torch.amp.GradScaler, list]:
+    """A real GradScaler (CPU fp16 autocast) in Lightning's 16-mixed plugin."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # the backoff factor makes recovery take one step instead of the 25 halvings from 2**40
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=2.0**-32)
+    return scaler, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+
+
+def test_fp16_overflow_is_skipped_and_backed_off_by_the_grad_scaler(tmp_path: Path) -> None:
+    """An overflowing fp16 step is the scaler's to skip: it backs off and training goes on."""
+    module = make_module(lora_init=False, max_consecutive_skips=2)
+    scaler, plugins = _fp16_scaler(2.0**40)  # a scaled fp16 backward overflows at this scale
+    snaps = _Snapshots()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = _fit(module, tmp_path, 4, [snaps], plugins=plugins)
+    assert trainer.global_step == 4
+    assert scaler.get_scale() <= 2.0**8  # backed off (once or more) from 2**40
+    overflows = int(module.overflow_steps)
+    assert 1 <= overflows < 4 and int(module.skipped_steps) == 0
+    assert float(trainer.callback_metrics["train/overflow_steps"]) == overflows
+    assert _same(snaps.weights[overflows - 1], before)  # the overflowing steps changed nothing
+    assert not _same(snaps.weights[-1], before)  # then training went on
+    assert all(torch.isfinite(w).all() for w in snaps.weights[-1].values())
+
+
+def test_fp16_non_finite_loss_is_still_the_guards(tmp_path: Path) -> None:
+    """Under a scaler the guard still skips a non-finite loss and leaves the loss scale alone."""
+    module = make_module(w_perc=1.0, perceptual_share=1.0, max_consecutive_skips=3)
+    scaler, plugins = _fp16_scaler(1.0)
+    with pytest.raises(NonFiniteTrainingError, match="non-finite train/loss_perc"):
+        _fit(module, tmp_path, 8, [InjectNonFinite(steps=[0, 1, 2, 3])], plugins=plugins)
+    assert int(module.skipped_steps) == 3 and scaler.get_scale() == 1.0

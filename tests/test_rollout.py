@@ -23,7 +23,7 @@ def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
         latents, run = denoise(
             fn, module.sample_scheduler, noise, cond, None, 1.0, 10, stop_after=7
         )
-        reference = DDIMScheduler.from_config(module.noise_scheduler.config)
+        reference = DDIMScheduler.from_config(module.sample_scheduler.config)
         reference.set_timesteps(10)
         manual = noise.clone()
         for t in reference.timesteps[:7]:
@@ -175,3 +175,51 @@ def test_draft_k_gradient_equals_the_uncheckpointed_computation(tokenizer_dir, m
     assert direct.abs().sum() > 0
     # the same float operations in the same order: recomputation is bitwise the forward pass
     torch.testing.assert_close(checkpointed, direct, rtol=0, atol=0)
+
+
+def _anchor_batch_sizes(module) -> list[int]:
+    sizes = []
+    original = module.anchor_output
+
+    def spy(x, t, c):
+        sizes.append(x.shape[0])
+        return original(x, t, c)
+
+    module.anchor_output = spy
+    rollout_terms(module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0))
+    return sizes
+
+
+def test_the_rollout_runs_the_anchor_only_when_its_term_counts(tokenizer_dir) -> None:
+    settings = dict(objective="rollout", rollout_steps=3, k_late=1, guidance_scale=3.0)
+    assert _anchor_batch_sizes(make_module(tokenizer_dir, w_anchor=0.0, **settings)) == []
+    # both CFG branches of the two samples, once
+    assert _anchor_batch_sizes(make_module(tokenizer_dir, w_anchor=1.0, **settings)) == [4]
+    constrained = make_module(tokenizer_dir, w_anchor=0.0, anchor_mode="constraint", **settings)
+    assert _anchor_batch_sizes(constrained) == [4]  # the drift is measured even at weight 0
+
+
+def test_rollout_anchor_is_the_mean_drift_of_the_raw_branches(tokenizer_dir) -> None:
+    """CFG-combined outputs would amplify the drift by up to (2g - 1)^2."""
+    module = make_module(
+        tokenizer_dir,
+        objective="rollout",
+        rollout_steps=3,
+        k_late=1,
+        guidance_scale=7.0,
+        lora_init=False,
+    )
+    calls = []
+    policy = module.unet_output
+
+    def record(unet, x, t, c):
+        out = policy(unet, x, t, c)
+        calls.append(out.detach())
+        return out
+
+    module.unet_output = record
+    terms = rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(0))
+    raw_policy, raw_anchor = calls[-2:]  # the scored step: policy, then anchor (adapters off)
+    assert raw_policy.shape[0] == 2  # [uncond; cond]
+    expected = (raw_policy - raw_anchor).pow(2).mean()
+    torch.testing.assert_close(terms.anchor, expected, rtol=1e-5, atol=0)

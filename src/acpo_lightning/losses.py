@@ -198,8 +198,20 @@ def acpo_objective(
         if normalized_scores.numel()
         else diff_mean.detach().new_tensor(math.nan)
     )
-    loss = w_diff * diff_mean + w_anchor * anchor_mean + w_perc * perc
+    loss = weighted_objective(diff_mean, anchor_mean, perc, w_diff, w_anchor, w_perc)
     return ACPOTerms(loss=loss, diff=diff_mean, anchor=anchor_mean, perc=perc, iqa=iqa)
+
+
+def weighted_objective(
+    diff: Tensor,
+    anchor: Tensor,
+    perc: Tensor,
+    w_diff: float | Tensor,
+    w_anchor: float | Tensor,
+    w_perc: float | Tensor,
+) -> Tensor:
+    """The ACPO loss from its scalar terms: ``w_diff * diff + w_anchor * anchor + w_perc * perc``."""
+    return w_diff * diff + w_anchor * anchor + w_perc * perc
 
 
 def dual_ascent_step(

@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 #: Non-parameter state that trains (constraint mode) and therefore goes into checkpoints.
-_TRAINED_BUFFERS = ("w_anchor_state", "drift_ema", "drift_ema_steps", "skipped_steps")
+_TRAINED_BUFFERS = (
+    "w_anchor_state",
+    "drift_ema",
+    "drift_ema_steps",
+    "skipped_steps",
+    "overflow_steps",
+)
 #: Batch keys that carry the data targets: images, or cached VAE posterior parameters.
 TARGET_KEYS = ("pixel_values", "latent_moments")
 
@@ -70,7 +76,12 @@ class ACPOModule(pl.LightningModule):
             samples are decoded, so the cost scales with the share.
         anchor_mode: ``penalty`` (fixed ``w_anchor``) or ``constraint`` (dual ascent on ``w_anchor``
             so the running mean of the anchor penalty tracks ``anchor_delta``).
-        anchor_delta: allowed mean drift in constraint mode.
+        anchor_delta: allowed drift in constraint mode. The drift is one quantity with one unit
+            whatever the objective: the mean squared difference per element between the policy's
+            and the anchor's raw model outputs (prediction-type space; each CFG branch on its own,
+            never the guided combination), averaged over every sample a step evaluates (the data
+            samples and the rollout samples alike) and over the micro-batches of an optimizer
+            step. The anchor term of the loss is this same mean.
         dual_lr: dual-ascent step size in constraint mode.
         drift_ema: smoothing of the running mean drift in constraint mode.
         prompt_dropout: probability of replacing a prompt with the empty prompt (CFG training).
@@ -102,7 +113,8 @@ class ACPOModule(pl.LightningModule):
         skip_nonfinite: skip the optimizer step (no weight or optimizer-state change) when the loss
             or a gradient is not finite; skips are counted in ``train/skipped_steps`` and each is
             logged with the offending term. Costs one host sync per step. Under fp16 mixed
-            precision the GradScaler keeps handling overflowing gradients; the guard adds the loss.
+            precision the loss scaler skips overflowing steps and backs off (as without the
+            guard; counted in ``train/overflow_steps``) and the guard adds the loss check.
         max_consecutive_skips: stop the run with :class:`NonFiniteTrainingError` after this many
             consecutive skipped steps.
 
@@ -205,6 +217,11 @@ class ACPOModule(pl.LightningModule):
         self.register_buffer("drift_ema", torch.tensor(0.0))
         self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("skipped_steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("overflow_steps", torch.tensor(0, dtype=torch.long))
+        # the constrained drift of the micro-batches since the last optimizer step (sum, samples)
+        self._drift_sum: Tensor | None = None
+        self._drift_samples = 0
+        self._known_scale: float | None = None  # fp16 loss scale after the last optimizer step
         self._consecutive_skips = 0
         self._step_terms: dict[str, Tensor] = {}
         self._warned_share = False
@@ -622,6 +639,18 @@ class ACPOModule(pl.LightningModule):
         scores = self.normalized_quality(x0_hat, prompts[:count] if prompts is not None else None)
         return scores, losses.late_mask(timesteps[:count], self.hparams.tau)
 
+    def _add_step_drift(self, drift: Tensor, samples: int) -> None:
+        """Add a micro-batch's mean drift over ``samples`` samples to the optimizer step's."""
+        total = drift.detach().float() * samples
+        self._drift_sum = total if self._drift_sum is None else self._drift_sum + total
+        self._drift_samples += samples
+
+    def _take_step_drift(self) -> Tensor | None:
+        """The sample-weighted mean drift since the last optimizer step (then reset), or None."""
+        drift, samples = self._drift_sum, self._drift_samples
+        self._drift_sum, self._drift_samples = None, 0
+        return drift / samples if drift is not None and samples > 0 else None
+
     def _update_anchor_weight(self, drift: Tensor) -> None:
         """Constraint mode: dual ascent on ``w_anchor`` against the running mean drift."""
         drift = drift.detach()
@@ -687,15 +716,16 @@ class ACPOModule(pl.LightningModule):
                 "prompt-only data."
             )
         stats = {"perc_share": stats.get("perc_share", 0.0)}
+        samples = _batch_length(batch) if _has_targets(batch) else 0
         if use_rollout:
             # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
             # it equals the step generator's seed, as in a single-process run
             choice = torch.Generator().manual_seed(
                 self._step_seed("train", self.global_step, batch_idx, 0)
             )
-            terms = self._add_rollout(batch, generator, terms, stats, choice)
+            terms, samples = self._add_rollout(batch, generator, terms, samples, stats, choice)
         if self.hparams.anchor_mode == "constraint":
-            self._update_anchor_weight(terms.anchor)
+            self._add_step_drift(terms.anchor, samples)
         self._log_terms("train", terms, stats, _batch_length(batch))
         self._step_terms = {
             "loss": terms.loss.detach(),
@@ -716,18 +746,29 @@ class ACPOModule(pl.LightningModule):
         batch: dict,
         generator: torch.Generator,
         terms: losses.ACPOTerms,
+        data_samples: int,
         stats: dict,
         choice: torch.Generator | None = None,
-    ) -> losses.ACPOTerms:
-        """Add a rollout's anchor and perceptual terms to the data terms; log its parts separately."""
+    ) -> tuple[losses.ACPOTerms, int]:
+        """Add a rollout's anchor and perceptual terms to the data terms; log its parts separately.
+
+        The anchor term becomes the mean drift over every sample of the step, data and rollout
+        alike (one quantity whatever the mix; see ``anchor_delta``). Returns the terms and that
+        sample count.
+        """
         prompts = batch.get("rollout_prompts", batch.get("prompts"))
         count = len(prompts) if prompts is not None else _batch_length(batch)
         count = min(count, self.hparams.rollout_batch_size or count)
         roll = rollout_terms(
             self, list(prompts[:count]) if self.is_conditional else None, count, generator, choice
         )
+        samples = data_samples + count
+        anchor = (terms.anchor * data_samples + roll.anchor * count) / samples
         w_anchor = self.w_anchor.detach().clone()
-        loss = terms.loss + w_anchor * roll.anchor + self.hparams.w_perc * roll.perc
+        hp = self.hparams
+        loss = losses.weighted_objective(
+            terms.diff, anchor, roll.perc, hp.w_diff, w_anchor, hp.w_perc
+        )
         self.log_dict(
             {
                 "train/rollout_t": roll.timestep,
@@ -740,7 +781,7 @@ class ACPOModule(pl.LightningModule):
             sync_dist=True,
         )
         stats["perc_share"] = 1.0
-        return losses.ACPOTerms(loss, terms.diff, terms.anchor + roll.anchor, roll.perc, roll.iqa)
+        return losses.ACPOTerms(loss, terms.diff, anchor, roll.perc, roll.iqa), samples
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
         generator = self.step_generator(stage, 0, batch_idx)
@@ -772,11 +813,27 @@ class ACPOModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._evaluation_step("test", batch, batch_idx)
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generate one image per prompt of the batch (seeds ``seed + batch_idx * B + i``)."""
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Generate one image per prompt, seeded ``seed + index`` by the prompt's position.
+
+        The position is the batch's ``indices`` (the project's prediction loaders carry them).
+        Without them it is inferred for Lightning's (distributed) sampler without shuffling:
+        item ``i`` of batch ``b`` on rank ``r`` of ``W`` is ``(b * batch_size + i) * W + r``.
+        """
         prompts = list(batch["prompts"])
-        images = self.generate(prompts, seed=self.hparams.seed + batch_idx * len(prompts))
-        return {"prompts": prompts, "images": images}
+        indices = batch.get("indices")
+        if indices is None:
+            indices = self._prediction_indices(batch_idx, dataloader_idx, len(prompts))
+        seeds = [self.hparams.seed + int(index) for index in indices]
+        images = self.generate(prompts, seed=seeds)
+        return {"prompts": prompts, "images": images, "seeds": seeds}
+
+    def _prediction_indices(self, batch_idx: int, dataloader_idx: int, count: int) -> list[int]:
+        loaders = self.trainer.predict_dataloaders if self._trainer is not None else None
+        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+        batch_size = getattr(loader, "batch_size", None) or count
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return [(batch_idx * batch_size + i) * world + self.global_rank for i in range(count)]
 
     # ------------------------------------------------------------------ non-finite guard
     def optimizer_step(
@@ -788,18 +845,70 @@ class ACPOModule(pl.LightningModule):
     ) -> None:
         """Run forward and backward, then step only if the loss and every gradient are finite.
 
-        A skipped step changes no weight and no optimizer state (the step counter and the LR
-        schedule still advance, so per-step randomness and resumes stay aligned).
+        A skipped step changes no weight, no optimizer state and no dual state (the step counter
+        and the LR schedule still advance, so per-step randomness and resumes stay aligned).
+        Under fp16 mixed precision the loss scaler judges the gradients: an overflowing step is
+        its to skip, and it backs the scale off (counted in ``train/overflow_steps``); the guard
+        checks the loss, and counts a scaler skip as a non-finite gradient only once the loss
+        scale is down to 1 or less, where no overflow is left to explain it.
         """
+        scaler = self._loss_scaler()
         if not self.hparams.skip_nonfinite or optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        result = optimizer_closure()
-        reason = self._nonfinite_reason(result)
-        if reason is None:
-            self._consecutive_skips = 0
-            optimizer.step(closure=lambda: result)
+            scale = self._scale_before(scaler)
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            self._after_step(self._stepped(scaler, scale), None)
             return None
+        result = optimizer_closure()
+        reason = self._nonfinite_reason(result, check_gradients=scaler is None)
+        if reason is None:
+            scale = self._scale_before(scaler)
+            optimizer.step(closure=lambda: result)  # the scaler (if any) unscales and may skip
+            if self._stepped(scaler, scale):
+                self._after_step(True, None)
+                return None
+            reason = "gradient" if self._known_scale <= 1.0 else None
+            if reason is None:  # an fp16 overflow, already skipped and backed off by the scaler
+                self._after_step(False, None)
+                return None
         optimizer.zero_grad(set_to_none=True)
+        self._after_step(False, reason)
+        return None
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of the Trainer's precision plugin, if one is active."""
+        if self._trainer is None:
+            return None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _scale_before(self, scaler: torch.amp.GradScaler | None) -> float:
+        """The loss scale before a step: the one seen after the last step (no sync), else read."""
+        if scaler is None:
+            return 1.0
+        return self._known_scale if self._known_scale is not None else scaler.get_scale()
+
+    def _stepped(self, scaler: torch.amp.GradScaler | None, scale_before: float) -> bool:
+        """Whether the last optimizer step was taken: a scaler backs its scale off when it skips.
+
+        Reads the scale after the step (one host sync per step, fp16 only).
+        """
+        if scaler is None:
+            return True
+        self._known_scale = scaler.get_scale()
+        return self._known_scale >= scale_before
+
+    def _after_step(self, stepped: bool, reason: str | None) -> None:
+        """Book-keeping once per optimizer step: dual ascent on a taken step, skip counters else."""
+        drift = self._take_step_drift()
+        if stepped:
+            self._consecutive_skips = 0
+            if self.hparams.anchor_mode == "constraint" and drift is not None:
+                self._update_anchor_weight(drift)
+            return
+        if reason is None:
+            self.overflow_steps += 1
+            log.info("step %d: fp16 overflow, skipped by the loss scaler", self.global_step)
+            return
         self.skipped_steps += 1
         self._consecutive_skips += 1
         log.warning(
@@ -818,13 +927,16 @@ class ACPOModule(pl.LightningModule):
                 "score_range (check the head on your images). Resume from the last checkpoint "
                 "after the fix; it holds no non-finite weight."
             )
-        return None
 
-    def _nonfinite_reason(self, loss: Tensor | None) -> str | None:
-        """``None`` when the step is finite, else the name of the offending term (one host sync)."""
+    def _nonfinite_reason(self, loss: Tensor | None, check_gradients: bool = True) -> str | None:
+        """``None`` when the step is finite, else the name of the offending term (one host sync).
+
+        ``check_gradients=False`` under an fp16 loss scaler: its gradients are still scaled here,
+        and the scaler checks them itself after unscaling.
+        """
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         checks = [torch.isfinite(loss).all()] if loss is not None else []
-        if grads:
+        if grads and check_gradients:
             checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         finite = torch.stack(checks).all() if checks else torch.tensor(True, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -845,25 +957,28 @@ class ACPOModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hparams.skip_nonfinite:
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True)
+        if self._loss_scaler() is not None:
+            self.log("train/overflow_steps", self.overflow_steps.float(), on_step=True)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str] | int,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         use_anchor: bool = False,
     ) -> Tensor:
         """Sample images in ``[0, 1]`` with the policy (or the frozen base with ``use_anchor``).
 
-        Image ``i`` uses a generator seeded ``seed + i``, so a prompt's image does not depend on the
-        batch it was generated in; the loop matches diffusers' ``StableDiffusionPipeline``.
+        Image ``i`` uses a generator seeded ``seed + i`` (or ``seed[i]``), so a prompt's image does
+        not depend on the batch it was generated in; the loop matches diffusers'
+        ``StableDiffusionPipeline`` given the same generators.
 
         Args:
             prompts: list of prompts, or a number of images for unconditional models.
-            seed: base seed.
+            seed: base seed, or one seed per image.
             num_inference_steps: sampler steps (default: the constructor's).
             guidance_scale: classifier-free guidance scale (default: the constructor's; 1 disables).
             use_anchor: sample from the anchor (base model) instead of the policy.
@@ -905,7 +1020,7 @@ class ACPOModule(pl.LightningModule):
                     uncond,
                     guidance,
                     steps,
-                    generator=generators[0],
+                    generator=generators,  # stochastic samplers: image i's noise from seed + i
                 )
             return self.decode(latents)
         finally:
@@ -950,7 +1065,10 @@ class ACPOModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint that lacks some of this module's trainable weights."""
-        missing = sorted(self.trained_state_keys() - set(checkpoint["state_dict"]))
+        # counters and dual state a checkpoint may predate keep their initial values
+        missing = sorted(
+            self.trained_state_keys() - set(checkpoint["state_dict"]) - set(_TRAINED_BUFFERS)
+        )
         if missing:
             raise ValueError(
                 f"checkpoint lacks {len(missing)} trainable weights of this module (e.g. {missing[:2]}); "
@@ -1007,6 +1125,8 @@ def _batch_length(batch: dict) -> int:
 
 
 def _default_sampler(noise_scheduler: SchedulerMixin) -> SchedulerMixin:
+    """DDIM from the training schedule, with the fixes ``StableDiffusionPipeline`` applies to old
+    scheduler configs (``steps_offset`` 1, no ``clip_sample``), so ``generate`` matches it."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(noise_scheduler.config)
+    return DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1, clip_sample=False)

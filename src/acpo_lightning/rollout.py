@@ -16,14 +16,15 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from acpo_lightning import losses
-from acpo_lightning.sampling import denoise
+from acpo_lightning.sampling import combine_branches, denoise, uses_guidance
 
 if TYPE_CHECKING:
     from acpo_lightning.module import ACPOModule
 
 
 class RolloutTerms(NamedTuple):
-    """Scalars of one rollout: anchor penalty, perceptual loss, mean normalized score, mean timestep."""
+    """Scalars of one rollout: mean anchor penalty per sample (raw outputs, each CFG branch on its
+    own), perceptual loss, mean normalized score, timestep."""
 
     anchor: Tensor
     perc: Tensor
@@ -107,9 +108,18 @@ def rollout_terms(
         )
         latents = run.advance(pred, latents)
     timestep = run.timestep
-    pred = run.predict(policy, latents, cond, uncond, guidance)
-    anchor_pred = run.predict(module.anchor_output, latents.detach(), cond, uncond, guidance)
-    anchor = losses.anchor_penalty(pred, anchor_pred).mean()
+    branches = run.predict_branches(policy, latents, cond, uncond, guidance)
+    pred = combine_branches(branches, uses_guidance(uncond, guidance), guidance)
+    if module.hparams.anchor_mode == "constraint" or module.hparams.w_anchor > 0:
+        # on the raw outputs, each CFG branch on its own: the guided combination would scale the
+        # drift by up to (2g - 1)^2 and give it another meaning than the data samples' drift
+        anchor_branches = run.predict_branches(
+            module.anchor_output, latents.detach(), cond, uncond, guidance
+        )
+        per_output = losses.anchor_penalty(branches, anchor_branches)
+        anchor = per_output.view(-1, count).mean(dim=0).mean()
+    else:  # penalty mode with w_anchor 0: the anchor network is not run
+        anchor = pred.new_zeros((), dtype=torch.float32)
     timesteps = timestep.expand(count)
     x0_hat = losses.predicted_original(
         latents, pred.float(), run.alphas_cumprod, timesteps, module.prediction_type

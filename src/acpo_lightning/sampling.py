@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,10 +18,18 @@ UNetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 def per_sample_generators(
-    seed: int, count: int, device: torch.device | str = "cpu"
+    seed: int | Sequence[int], count: int, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
-    """One generator per image, seeded ``seed + i``: image ``i`` does not depend on batching."""
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
+    """One generator per image, seeded ``seed + i`` (or ``seed[i]``): image ``i`` does not depend
+    on batching.
+
+    Raises:
+        ValueError: ``seed`` is a sequence whose length is not ``count``.
+    """
+    seeds = [seed + i for i in range(count)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} images; pass one seed per image.")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def initial_noise(
@@ -41,6 +49,33 @@ def fresh_scheduler(scheduler):  # type: ignore[no-untyped-def]
     return copy.deepcopy(scheduler)
 
 
+def uses_guidance(uncond: Tensor | None, guidance_scale: float) -> bool:
+    """Whether classifier-free guidance applies: an unconditional embedding and ``g > 1``."""
+    return uncond is not None and guidance_scale > 1.0
+
+
+def branch_outputs(
+    unet_fn: UNetFn,
+    latents: Tensor,
+    timestep: Tensor,
+    cond: Tensor | None,
+    uncond: Tensor | None,
+    guidance_scale: float,
+) -> Tensor:
+    """The raw model outputs: ``[uncond; cond]`` stacked (``[2B, ...]``) under CFG, else ``[B, ...]``."""
+    if not uses_guidance(uncond, guidance_scale):
+        return unet_fn(latents, timestep, cond)
+    return unet_fn(torch.cat([latents, latents]), timestep, torch.cat([uncond, cond]))
+
+
+def combine_branches(outputs: Tensor, guided: bool, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance ``uncond + g * (cond - uncond)`` of :func:`branch_outputs`."""
+    if not guided:
+        return outputs
+    pred_uncond, pred_cond = outputs.chunk(2)
+    return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+
 def guided_prediction(
     unet_fn: UNetFn,
     latents: Tensor,
@@ -50,11 +85,8 @@ def guided_prediction(
     guidance_scale: float,
 ) -> Tensor:
     """One UNet evaluation with classifier-free guidance when ``uncond`` is given and ``g > 1``."""
-    if uncond is None or guidance_scale <= 1.0:
-        return unet_fn(latents, timestep, cond)
-    both = unet_fn(torch.cat([latents, latents]), timestep, torch.cat([uncond, cond]))
-    pred_uncond, pred_cond = both.chunk(2)
-    return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    outputs = branch_outputs(unet_fn, latents, timestep, cond, uncond, guidance_scale)
+    return combine_branches(outputs, uses_guidance(uncond, guidance_scale), guidance_scale)
 
 
 class SamplerRun:
@@ -127,9 +159,22 @@ class SamplerRun:
         Pass ``index`` explicitly when the call may be re-run later (activation checkpointing
         recomputes it in the backward pass, after :meth:`advance` has moved the run on).
         """
+        outputs = self.predict_branches(unet_fn, latents, cond, uncond, guidance_scale, index)
+        return combine_branches(outputs, uses_guidance(uncond, guidance_scale), guidance_scale)
+
+    def predict_branches(
+        self,
+        unet_fn: UNetFn,
+        latents: Tensor,
+        cond: Tensor | None,
+        uncond: Tensor | None,
+        guidance_scale: float,
+        index: int | None = None,
+    ) -> Tensor:
+        """The raw outputs of :func:`branch_outputs` at step ``index``, before guidance."""
         index = self.index if index is None else index
         model_input = self.scheduler.scale_model_input(latents, self.host_timesteps[index])
-        return guided_prediction(
+        return branch_outputs(
             unet_fn, model_input, self.timesteps[index], cond, uncond, guidance_scale
         )
 

@@ -9,7 +9,7 @@ or a prompts file); ``CachedLatentsDataModule`` reads the latents ``acpo cache-l
 from it; ``ShapesDataModule`` generates coloured shapes and needs no files.
 """
 
-from acpo_lightning.data.collate import collate_prompt_images, tokenize_prompts
+from acpo_lightning.data.collate import IndexedDataset, collate_prompt_images, tokenize_prompts
 from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
 from acpo_lightning.data.images import BadSampleError, SampleProblem, load_image, open_image, to_rgb
@@ -34,6 +34,7 @@ __all__ = [
     "CachedLatentsDataModule",
     "CachedLatentsDataset",
     "ImageTransform",
+    "IndexedDataset",
     "LatentCacheError",
     "PromptImageDataModule",
     "PromptImageDataset",

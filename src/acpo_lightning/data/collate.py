@@ -4,7 +4,9 @@ The batch contract: ``prompts`` (``list[str]``) always; ``pixel_values`` (float 
 when items carry images, or ``latent_moments`` (float ``[B, 2C, h, w]``, cached VAE posterior
 parameters, see :mod:`acpo_lightning.data.latent_cache`) when they carry cached latents;
 ``input_ids`` (``LongTensor [B, L]``) and ``attention_mask`` when a tokenizer is given, padded
-and truncated to the text encoder's maximum length ``L``.
+and truncated to the text encoder's maximum length ``L``; ``indices`` (``LongTensor [B]``, each
+item's position in its dataset) when the items carry an ``index`` (:class:`IndexedDataset`: the
+prediction loaders, whose images are seeded by it).
 """
 
 from __future__ import annotations
@@ -100,12 +102,35 @@ def collate_prompt_images(
         The batch dict described in this module's docstring.
     """
     batch: dict = {"prompts": [item["prompt"] for item in items]}
+    if "index" in items[0]:
+        batch["indices"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
     for key in TENSOR_KEYS:
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
     if tokenizer is not None:
         batch.update(tokenize_prompts(tokenizer, batch["prompts"], max_length))
     return batch
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` whose items also carry ``index``, their position in it.
+
+    Prediction seeds each image by its prompt's position in the whole prediction set, which no
+    batch index can tell (a short last batch; each DDP rank's interleaved share).
+
+    Example:
+        >>> IndexedDataset([{"prompt": "a"}, {"prompt": "b"}])[1]
+        {'prompt': 'b', 'index': 1}
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}
 
 
 def seeded_loader(
@@ -255,5 +280,7 @@ class PromptDataLoaders:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> ResumableDataLoader:
-        """Prompt-only batches (see the DataModule's own documentation for which prompts)."""
-        return self._loader(self.predict_dataset, shuffle=False)
+        """Prompt-only batches with ``indices`` (see the DataModule's own documentation for which
+        prompts)."""
+        dataset = None if self.predict_dataset is None else IndexedDataset(self.predict_dataset)
+        return self._loader(dataset, shuffle=False)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import SeededLoaders
+from acpo_lightning.data.collate import IndexedDataset, SeededLoaders
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -110,4 +110,4 @@ class ShapesDataModule(SeededLoaders, pl.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(IndexedDataset(self.val_set), shuffle=False)

@@ -104,10 +104,13 @@ def has_lora(model: nn.Module) -> bool:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every peft adapter layer of ``model`` is bypassed inside the block.
 
-    Layers that were already disabled stay so on exit. Works for any module peft injected into.
+    Layers that were already disabled stay so on exit, and so does every adapter weight's
+    ``requires_grad`` (peft's ``enable_adapters(True)`` sets it on all of them, which would
+    unfreeze weights the user froze). Works for any module peft injected into.
     """
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     was_disabled = [layer.disable_adapters for layer in layers]
+    trainable = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -115,6 +118,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, disabled in zip(layers, was_disabled, strict=True):
             layer.enable_adapters(not disabled)
+        for param, requires_grad in trainable.items():
+            param.requires_grad_(requires_grad)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
