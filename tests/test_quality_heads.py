@@ -26,6 +26,7 @@ from acpo_lightning.quality import (
     check_quality_head,
     normalize_quality,
 )
+from acpo_lightning.quality.base import resize_to_native
 from acpo_lightning.quality.distortions import DISTORTIONS, distort
 from acpo_lightning.quality.iqa_data import (
     IQADataModule,
@@ -96,6 +97,28 @@ def test_gradient_reaches_input_not_weights(name: str) -> None:
     assert images.grad.abs().sum() > 0
     assert all(not p.requires_grad and p.grad is None for p in head.parameters())
     assert sum(p.numel() for p in head.parameters()) > 0
+
+
+@pytest.mark.parametrize("path", ["head", "net"])
+def test_resize_to_native_size_spreads_the_gradient_over_every_pixel(path: str) -> None:
+    """256 px down to the native 32: an aliased bilinear resize reads 2x2 of every 8x8 pixels, so
+    the reward's gradient reaches 1/16 of them (6.25 %), a grid that invites high-frequency reward
+    hacking; the antialiased (triangle filter) resize reaches every pixel."""
+    net = tiny_net()
+    score = TwoStreamIQA(net=net) if path == "head" else net  # QualityHead.forward / net.logits
+    images = procedural_images(1, size=256).requires_grad_(True)
+    score(images).sum().backward()
+    reached = (images.grad.abs().sum(dim=1) > 0).float().mean().item()
+    assert reached > 0.99, f"the gradient reaches {reached:.2%} of the pixels"
+    expected = torch.nn.functional.interpolate(
+        images.detach(), size=(32, 32), mode="bilinear", antialias=True, align_corners=False
+    )
+    torch.testing.assert_close(score(images.detach()), score(expected), rtol=0, atol=0)
+    half = images.detach().bfloat16()  # torch has no bf16 antialias kernel on the CPU
+    expected = torch.nn.functional.interpolate(
+        half.float(), size=(32, 32), mode="bilinear", antialias=True
+    )
+    assert torch.equal(resize_to_native(half, 32), expected.bfloat16())
 
 
 @pytest.mark.parametrize("name", ["two_stream", "composite"])

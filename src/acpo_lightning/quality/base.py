@@ -42,7 +42,7 @@ class QualityHead(nn.Module):
         score_range: nominal ``(low, high)`` of the raw score, used by
             :func:`acpo_lightning.losses.normalize_score`.
         native_size: side length the head expects; inputs of another size are resized to it with
-            differentiable bilinear interpolation before scoring (``None``: any size).
+            :func:`resize_to_native` (antialiased, differentiable) before scoring (``None``: any size).
 
     Example:
         >>> class Brightness(QualityHead):
@@ -69,19 +69,49 @@ class QualityHead(nn.Module):
 
     def forward(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """Score ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) and return a tensor of shape ``[B]``."""
-        if self.native_size is not None and images.shape[-2:] != (self.native_size,) * 2:
-            images = F.interpolate(
-                images,
-                size=(self.native_size, self.native_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=False,
-            )
+        if self.native_size is not None:
+            images = resize_to_native(images, self.native_size)
         return self.score(images, prompts)
 
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
         """Compute the raw score of images already at :attr:`native_size`."""
         raise NotImplementedError
+
+
+def resize_to_native(images: Tensor, size: int) -> Tensor:
+    """Resize ``[B, C, H, W]`` images to ``size x size``, antialiased when shrinking; differentiable.
+
+    Shrinking uses bilinear interpolation with antialiasing (a triangle filter as wide as the
+    scale factor), so every input pixel contributes to the output and receives gradient. Without
+    it, bilinear reads only the 2x2 pixels nearest each output sample: at 512 -> 224 the reward's
+    gradient would land on a sparse grid of pixels, which invites high-frequency reward hacking.
+    Enlarging is plain bilinear (antialiasing changes nothing there). Half-precision inputs are
+    resized in float32 (torch has no antialiased bfloat16 kernel on the CPU); the output keeps the
+    input's dtype.
+
+    Args:
+        images: ``[B, C, H, W]`` images.
+        size: output side length.
+
+    Returns:
+        ``[B, C, size, size]`` images (``images`` itself when already that size).
+
+    Example:
+        >>> resize_to_native(torch.rand(2, 3, 512, 512), 224).shape
+        torch.Size([2, 3, 224, 224])
+    """
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    exact = images.dtype in (torch.float32, torch.float64)
+    resized = F.interpolate(
+        images if exact else images.float(),
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+        antialias=height > size or width > size,
+    )
+    return resized.to(images.dtype)
 
 
 def check_quality_head(head: nn.Module, image_size: tuple[int, int], device: torch.device) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from acpo_lightning.quality.base import QualityHead
+from acpo_lightning.quality.base import QualityHead, resize_to_native
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -64,7 +64,7 @@ class TwoStreamNet(nn.Module):
     Args:
         channels: widths of the conv stages of each stream; their number sets the depth.
         hidden: width of the fusion MLP.
-        native_size: side length inputs are resized to (bilinear) before the streams.
+        native_size: side length inputs are resized to (antialiased bilinear) before the streams.
 
     Example:
         >>> net = TwoStreamNet(channels=(8, 16), hidden=16, native_size=32)
@@ -113,13 +113,7 @@ class TwoStreamNet(nn.Module):
 
     def logits(self, images: Tensor) -> Tensor:
         """Unbounded quality logits ``[B]``; :meth:`forward` is their sigmoid."""
-        if images.shape[-2:] != (self.native_size, self.native_size):
-            images = F.interpolate(
-                images,
-                size=(self.native_size, self.native_size),
-                mode="bilinear",
-                align_corners=False,
-            )
+        images = resize_to_native(images, self.native_size)
         image_features = _mean_std_pool(self.image_stream(images * 2.0 - 1.0))
         gradient_features = _mean_std_pool(self.gradient_stream(self.gradient_maps(images)))
         fused = torch.cat([image_features, gradient_features], dim=1)
