@@ -208,7 +208,7 @@ class PickScoreCallback(_CLIPMetricCallback):
         **kwargs: the generation and frequency options of :class:`GenerationMetricCallback`.
 
     Example:
-        >>> callbacks = [PickScoreCallback(every_n_steps=500, every_n_epochs=None)]  # doctest: +SKIP
+        >>> callbacks = [PickScoreCallback(every_n_steps=500, every_n_epochs=None)]
     """
 
     metric_name = "pickscore"
@@ -231,7 +231,7 @@ class CLIPScoreCallback(_CLIPMetricCallback):
         **kwargs: the generation and frequency options of :class:`GenerationMetricCallback`.
 
     Example:
-        >>> callbacks = [CLIPScoreCallback(prompts="partiprompts", max_prompts=64)]  # doctest: +SKIP
+        >>> callbacks = [CLIPScoreCallback(prompts="partiprompts", max_prompts=64)]
     """
 
     metric_name = "clipscore"
@@ -257,7 +257,7 @@ class MANIQACallback(GenerationMetricCallback):
         **kwargs: the generation and frequency options of :class:`GenerationMetricCallback`.
 
     Example:
-        >>> callbacks = [MANIQACallback(crops=20)]  # doctest: +SKIP
+        >>> callbacks = [MANIQACallback(crops=20)]
     """
 
     metric_name = "maniqa"

@@ -198,8 +198,8 @@ class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
         num_workers: DataLoader worker processes.
 
     Example:
-        >>> dm = FashionMNISTDataModule(batch_size=4, train_size=8)  # doctest: +SKIP
-        >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["pixel_values"].shape  # doctest: +SKIP
+        >>> dm = FashionMNISTDataModule(batch_size=4, train_size=8)
+        >>> dm.setup("fit"); next(iter(dm.train_dataloader()))["pixel_values"].shape
         torch.Size([4, 3, 32, 32])
     """
 

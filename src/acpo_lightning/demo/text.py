@@ -40,8 +40,8 @@ def load_minilm(path: str | None = None) -> nn.Module:
             ``HF_HUB_OFFLINE`` is honoured for hub ids.
 
     Example:
-        >>> encoder = load_minilm()  # doctest: +SKIP
-        >>> encoder.config.hidden_size  # doctest: +SKIP
+        >>> encoder = load_minilm()
+        >>> encoder.config.hidden_size
         384
     """
     folder = minilm_path(path)
