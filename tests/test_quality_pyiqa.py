@@ -138,18 +138,18 @@ def test_gradient_reaches_input_not_weights(heads, calibration_images, metric: s
 
 @pytest.mark.parametrize("metric", ["niqe", "brisque"])
 def test_unscorable_images_get_the_worst_score_not_nan(heads, metric: str) -> None:
+    """Training calls (gradient on) replace and count without a host sync; evaluation warns."""
     head = heads[metric]
-    head._warned = False
     size = 96
     ramp = torch.linspace(0, 1, size).expand(3, size, size)
     natural = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
     flat = [torch.full((3, size, size), fill) for fill in (0.0, 0.5, 1.0)]
     images = torch.stack([*flat, ramp, natural])
     images.requires_grad_(True)
+    before = int(head.unscorable_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch.cov on flat patches
-        with pytest.warns(RuntimeWarning, match=f"'{metric}' cannot score images"):
-            scores = head(images)
+        scores = head(images)
     scores.sum().backward()
     worst = head.score_range[1]
     assert torch.isfinite(scores).all() and torch.isfinite(images.grad).all()
@@ -158,6 +158,28 @@ def test_unscorable_images_get_the_worst_score_not_nan(heads, metric: str) -> No
         scores[4] < worst and images.grad[4].abs().sum() > 0
     )  # the scorable image keeps its gradient
     assert images.grad[:3].abs().sum() == 0
+    # NIQE cannot score the pure ramp either (no local variance in its 96 px blocks)
+    assert int(head.unscorable_images) - before == {"niqe": 4, "brisque": 3}[metric]
+    head._warned = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"'{metric}' cannot score images"):
+            again = head(images)
+    assert again[:3].tolist() == [worst] * 3
+    # one image at a time here, five at once above: BRISQUE's float32 convolutions differ by a few
+    # 1e-7 relative, which its local-variance cancellation amplifies (see TOLERANCE_PYIQA)
+    torch.testing.assert_close(again, scores.detach(), rtol=1e-4, atol=0)
+
+
+def test_probe_refuses_a_head_that_cannot_score_random_images(params, tmp_path) -> None:
+    sv_coef, sv = torch.load(params.brisque, weights_only=True)
+    broken = tmp_path / "brisque_nan.pth"
+    torch.save((torch.full_like(sv_coef, float("nan")), sv), broken)
+    head = PyiqaQualityHead("brisque", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"PyiqaQualityHead could not score 2 of 2 random"):
+            check_quality_head(head, (96, 96), torch.device("cpu"))
 
 
 def test_eval_mode_survives_parent_train(heads) -> None:

@@ -118,7 +118,9 @@ def check_quality_head(head: nn.Module, image_size: tuple[int, int], device: tor
     """Probe ``head`` once and raise a clear error if it breaks the contract.
 
     Checks that ``higher_is_better`` and ``score_range`` exist and make sense, that the output has
-    shape ``[B]``, is finite, and that no head parameter requires gradients.
+    shape ``[B]``, is finite, that no head parameter requires gradients, and that no (sub-)head
+    counted a random image as unscorable in its ``unscorable_images`` (heads such as
+    :class:`~acpo_lightning.quality.pyiqa_head.PyiqaQualityHead` replace such scores by the worst).
 
     Args:
         head: the quality head to check.
@@ -153,8 +155,10 @@ def check_quality_head(head: nn.Module, image_size: tuple[int, int], device: tor
             "be frozen: call `head.requires_grad_(False)` (QualityHead subclasses: `.freeze()`)."
         )
     probe = torch.rand(2, 3, *image_size, device=device)
+    unscorable = _unscorable_count(head)
     with torch.no_grad():
         out = head(probe, ["a probe prompt", "another probe prompt"])
+    unscorable = _unscorable_count(head) - unscorable
     if not isinstance(out, Tensor) or out.shape != (2,):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
@@ -165,3 +169,16 @@ def check_quality_head(head: nn.Module, image_size: tuple[int, int], device: tor
         raise ValueError(
             f"quality head {name} returned non-finite scores {out.tolist()} on random images."
         )
+    if unscorable:
+        raise ValueError(
+            f"quality head {name} could not score {unscorable} of 2 random images (its metric "
+            f"returned NaN/inf or failed; it would score every image as the worst, {out.tolist()}); "
+            "check its weight file and options, e.g. that pretrained_model_path holds that metric's "
+            "weights."
+        )
+
+
+def _unscorable_count(head: nn.Module) -> int:
+    """Sum of ``unscorable_images`` over ``head`` and its sub-heads (a host sync: probe only)."""
+    counts = [getattr(m, "unscorable_images", None) for m in head.modules()]
+    return sum(int(c) for c in counts if isinstance(c, Tensor))

@@ -13,7 +13,10 @@ What the adapter changes compared with ``pyiqa.create_metric(name, as_loss=True)
   naming the metric, pyiqa's cache folder and ``TORCH_HOME``; with ``HF_HUB_OFFLINE=1`` it does
   not try the network at all;
 - images the metric cannot score (NIQE/BRISQUE on a flat image or a pure ramp: zero local
-  variance) get the worst nominal score and no gradient, with a warning, instead of NaN.
+  variance) get the worst nominal score and no gradient instead of NaN, and are counted in
+  ``unscorable_images``. Training calls (gradient enabled) do this on the device, without a host
+  sync; calls without gradient (evaluation, the pre-training probe) also warn, naming the images,
+  and the probe refuses a head that cannot score its random images.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class PyiqaQualityHead(QualityHead):
         native_size: side length inputs are resized to (default: the table above, else no resize).
         **metric_options: passed to pyiqa's network constructor (e.g. ``test_sample=1``).
 
+    Attributes:
+        unscorable_images: how many images so far got the worst score because the metric returned
+            NaN/inf or failed on them (a long tensor on the scores' device; reading it syncs).
+
     Raises:
         ImportError: pyiqa is not installed.
         ValueError: the metric is unknown, full-reference, dataset-level or not differentiable.
@@ -121,23 +128,41 @@ class PyiqaQualityHead(QualityHead):
             )
         self.net = metric.net
         self._warned = False
+        #: Images scored as the worst score so far; a plain tensor, not a buffer, so that DDP does
+        #: not overwrite each rank's count with rank 0's.
+        self.unscorable_images = torch.zeros((), dtype=torch.long)
         self.freeze()
 
     def extra_repr(self) -> str:
         return f"metric_name={self.metric_name!r}, score_range={self.score_range}"
 
     def score(self, images: Tensor, prompts: list[str] | None = None) -> Tensor:
-        """Score images with the pyiqa network, falling back per image where it cannot."""
+        """Score images with the pyiqa network; an image it cannot score gets the worst score.
+
+        With gradient enabled (a training step) non-finite scores are replaced on the device, with
+        no host sync; without (evaluation, the probe) the batch is checked on the host and rescored
+        image by image, with a warning naming the images.
+        """
         self._check_size(images)
         inputs = _with_finite_grad(images)
         with _torch_flags_preserved():
             try:
                 out = self._run(inputs, prompts)
-                if torch.isfinite(out).all():
-                    return out
             except (torch.linalg.LinAlgError, AssertionError):
-                pass
-            return self._score_each(inputs, prompts)
+                return self._score_each(inputs, prompts)
+            if not torch.is_grad_enabled():  # a host sync costs nothing outside training steps
+                return out if bool(torch.isfinite(out).all()) else self._score_each(inputs, prompts)
+        finite = torch.isfinite(out)
+        self._count_unscorable((~finite).sum())
+        return torch.where(finite, out, torch.full_like(out, self._worst))
+
+    @property
+    def _worst(self) -> float:
+        return self.score_range[0] if self.higher_is_better else self.score_range[1]
+
+    def _count_unscorable(self, count: Tensor | int) -> None:
+        device = count.device if isinstance(count, Tensor) else self.unscorable_images.device
+        self.unscorable_images = self.unscorable_images.to(device) + count
 
     def _run(self, images: Tensor, prompts: list[str] | None) -> Tensor:
         keyword = _PROMPT_KEYWORD.get(self.metric_name)
@@ -153,7 +178,7 @@ class PyiqaQualityHead(QualityHead):
 
     def _score_each(self, images: Tensor, prompts: list[str] | None) -> Tensor:
         """Score one image at a time; an image that fails gets the worst nominal score, no gradient."""
-        worst = self.score_range[0] if self.higher_is_better else self.score_range[1]
+        worst = self._worst
         scores, failed = [], []
         for i in range(images.shape[0]):
             one_prompt = None if prompts is None else prompts[i : i + 1]
@@ -165,6 +190,7 @@ class PyiqaQualityHead(QualityHead):
                 failed.append(i)
                 value = images.new_full((1,), worst)
             scores.append(value)
+        self._count_unscorable(len(failed))
         if failed and not self._warned:
             self._warned = True
             warnings.warn(
