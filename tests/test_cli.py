@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -143,17 +144,29 @@ def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypat
         "2",
         "--model.w_perc",
         "1.0",
+        "--model.rollout_ratio",
+        "1.0",  # with the data terms at every step in `both` mode
     ]
-    main(["fit", *_config_args("tiny.yaml"), *args])
+    cli = build_cli(["fit", *_config_args("tiny.yaml"), *args])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(
         str(next((tmp_path / "outputs" / "tiny").rglob("events.out.tfevents.*")))
     )
     events.Reload()
-    assert {"train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout"} <= set(
-        events.Tags()["scalars"]
-    )
+    scalars = {
+        tag: [e.value for e in events.Scalars(tag)]
+        for tag in ("train/rollout_t", "train/rollout_iqa", "train/loss_anchor_rollout")
+    }
+    assert all(scalars.values()), "no rollout step was logged"
+    assert all(math.isfinite(v) for values in scalars.values() for v in values)
+    assert all(v != 0.0 for v in scalars["train/rollout_iqa"])
+    # zero-init LoRA: no drift at the first step; the policy has moved by the last rollout step
+    assert scalars["train/loss_anchor_rollout"][-1] > 0.0
+    module = cli.model
+    assert int(module.skipped_steps) == 0 and cli.trainer.global_step == 3
+    lora_b = [p for n, p in module.unet.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # zero at init: the weights moved
 
 
 @pytest.mark.slow
@@ -232,6 +245,7 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(lean, tmp_path, monke
     else:
         assert module.perceptual_decoder is None
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
+    assert int(module.skipped_steps) == 0  # both steps trained (a skipped step counts too)
     lora = [p for n, p in module.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert module.unet.conv_in.weight.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16

@@ -68,16 +68,49 @@ def test_gradients_reach_only_trainable_parameters(tokenizer_dir) -> None:
     assert all(grads[n] is None for n in grads if n not in trainable)
 
 
-def test_no_perceptual_gradient_above_tau(tokenizer_dir) -> None:
-    module = make_module(tokenizer_dir, tau=400)
-    noisy = torch.randn(2, 4, 16, 16)
-    pred = torch.randn(2, 4, 16, 16, requires_grad=True)
-    timesteps = torch.tensor([100, 900])
-    scores, gate = module._perceptual_scores(noisy, pred, timesteps, ["a", "b"], count=2)
-    assert gate.tolist() == [True, False]
-    losses.perceptual_loss(scores, gate).backward()
-    assert pred.grad[0].abs().sum() > 0
-    assert pred.grad[1].abs().sum() == 0
+def test_only_late_scored_samples_get_perceptual_gradient(tokenizer_dir) -> None:
+    """Through compute_terms: the scored share is drawn in [t_min, tau]; the rest gets none."""
+    module = make_module(
+        tokenizer_dir, tau=300, t_min=100, perceptual_share=0.5, w_perc=1.0, lora_init=False
+    )
+    seen = {}
+    original = module.unet_output
+
+    def keep(unet, x, t, c):
+        out = original(unet, x, t, c)
+        if out.requires_grad:
+            out.retain_grad()
+            seen.update(t=t, out=out)
+        return out
+
+    module.unet_output = keep
+    terms = _step(module, shapes_batch(size=8))
+    terms.perc.backward()
+    late = seen["t"][:4]
+    assert ((late >= 100) & (late <= 300)).all()
+    per_sample = seen["out"].grad.flatten(1).abs().sum(dim=1)
+    assert (per_sample[:4] > 0).all() and (per_sample[4:] == 0).all()
+
+
+def test_a_rollout_scored_above_tau_gets_no_perceptual_gradient(tokenizer_dir) -> None:
+    """The gate matters in rollouts: the scored step is one of the last k_late, maybe above tau."""
+    from acpo_lightning.rollout import rollout_terms
+
+    # 4 DDIM steps from 1000: timesteps 751, 501, 251, 1; k_late 2 scores 251 or 1
+    module = make_module(
+        tokenizer_dir, objective="rollout", rollout_steps=4, k_late=2, tau=100, lora_init=False
+    )
+    seen = set()
+    for seed in range(6):
+        module.zero_grad(set_to_none=True)
+        terms = rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(seed))
+        terms.perc.backward()
+        moved = any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+        timestep = int(terms.timestep)
+        seen.add(timestep)
+        assert moved == (timestep <= 100), timestep
+        assert (terms.perc.item() == 0.0) == (timestep > 100)
+    assert seen == {251, 1}  # both cases were exercised
 
 
 def test_only_the_perceptual_share_is_decoded(tokenizer_dir) -> None:
@@ -176,7 +209,8 @@ def test_pixel_latent_conditional_unconditional_paths_train_and_generate(
     prompts = ["a red square", "a green circle"] if conditional else 2
     images = module.generate(prompts, seed=3)
     assert images.shape == (2, 3, image_size, image_size)
-    assert images.min() >= 0 and images.max() <= 1
+    # the trained adapter is what generates: the base model's images differ
+    assert not torch.allclose(images, module.generate(prompts, seed=3, use_anchor=True))
     assert module.training  # generate restores the mode
 
 
@@ -276,14 +310,37 @@ def test_logged_terms(tokenizer_dir, tmp_path) -> None:
     assert trainer.callback_metrics["train/perc_share"].item() == 0.25
 
 
+def _forward_counts(module: ACPOModule) -> dict[str, int]:
+    """Count calls of a UNet resnet and of the VAE decoder's mid block, the units diffusers
+    checkpoints (recomputation calls them again in the backward pass; pre-hooks, because a
+    recomputation stops early once it has what backward needs)."""
+    counts = {"unet": 0, "vae": 0}
+
+    def count(name):
+        def hook(*_):
+            counts[name] += 1
+
+        return hook
+
+    module.unet.mid_block.resnets[1].register_forward_pre_hook(count("unet"))  # after LoRA layers
+    module.vae.decoder.mid_block.register_forward_pre_hook(count("vae"))
+    return counts
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer_dir) -> None:
-    grads = []
+    grads, counts = [], []
     for checkpointing in (False, True):
         module = make_module(tokenizer_dir, lora_init=False, w_perc=1.0, perceptual_share=0.5)
         if checkpointing:
             module.enable_gradient_checkpointing()
-        _step(module, shapes_batch()).loss.backward()
+        calls = _forward_counts(module)
+        terms = _step(module, shapes_batch())
+        forward = dict(calls)
+        terms.loss.backward()
+        counts.append({name: calls[name] - forward[name] for name in calls})
         grads.append(torch.cat([p.grad.flatten() for p in module.trainable_parameters()]))
+    assert counts[0] == {"unet": 0, "vae": 0}  # nothing runs again in a plain backward
+    assert counts[1] == {"unet": 1, "vae": 1}  # the policy UNet and the scored decode recompute
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 

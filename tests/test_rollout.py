@@ -143,7 +143,12 @@ def test_prompt_only_validation_scores_the_policys_samples(tokenizer_dir, tmp_pa
         accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
     )
     metrics = trainer.validate(module, prompts, verbose=False)[0]
-    assert metrics["val/rollout_iqa"] > 0 and metrics["val/loss_anchor_rollout"] == 0.0
+    # the same rollout, from the generator validation batch 0 draws from
+    expected = rollout_terms(
+        module, ["a red square", "a blue circle"], 2, module.step_generator("val", 0, 0)
+    )
+    assert metrics["val/rollout_iqa"] == pytest.approx(expected.iqa.item(), rel=1e-5)
+    assert metrics["val/loss_anchor_rollout"] == 0.0  # zero-init LoRA: the policy is the base
 
 
 def _rollout_lora_gradient(module, monkeypatch=None) -> torch.Tensor:
