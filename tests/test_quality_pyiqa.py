@@ -51,9 +51,40 @@ OFFICIAL_SCORES = {
     ],
     "brisque": [94.6421, -0.107618, 0.992889, 5.35827, 72.2617],
 }
-#: (atol, rtol) against pyiqa's own published scores, and pyiqa's own tolerance against the
-#: official ones (TOL_DICT of its tests/test_metric_general.py).
-TOLERANCE_PYIQA = {"niqe": (2e-3, 0.0), "brisque": (1e-2, 0.0)}
+# Why the scores move between x86-64 machines, and how far (measured with the emulations below;
+# the figures do not depend on the machine that measured them).
+# Both metrics first round the luma to integer grey levels in float32: 255 * (0.299 R + 0.587 G +
+# 0.114 B), then round. A pixel whose exact luma is a tie (299 r + 587 g + 114 b = 500 mod 1000)
+# rounds up or down depending on the summation order and FMA use of the float32 kernel; every
+# other pixel lies >= 1e-3 grey levels from a tie, far beyond the kernel's error (a few ulp of 255,
+# ~5e-5), and rounds alike everywhere. Ties: I03 162 pixels, I06 9, I08 4, I04 and I19 none.
+# NIQE: everything after the rounding is float64 (relative error ~1e-16 x condition), so the
+# ties are its only kernel-dependent input, and NIQE is discontinuous in them (its shape
+# parameters come from a grid search). Over the six float32 orders of that dot product
+# (sequential, two pairwise, two FMA chains, correctly rounded) and per-pixel mixtures of them
+# (a kernel whose vector body and tail differ), I03 spans 15.646-15.677 (AMD EPYC, sequential
+# order: 15.6558; a pairwise order gives 15.6540, pyiqa's reference is 15.6538) and I08
+# 3.1917-3.1922. Tie-free I19 is 5.4e-4 off on every machine (pyiqa's code at the reference
+# commit vs the installed one; the references are rounded to 1e-4).
+# BRISQUE stays float32 and divides by the local deviation sqrt(E[x^2] - E[x]^2) of 0-255 values:
+# E[x^2] (up to 65025, one ulp = 4e-3) carries an error of a few ulp that depends on the order
+# in which the 7x7 convolution sums, and in flat regions that error is the whole variance (a
+# condition number ~ E[x^2] / var, unbounded), so the fitted shapes jump by grid steps. Over five
+# convolution kernels (oneDNN, im2col + GEMM, direct in two tap orders, correctly rounded) times
+# the six luma orders, and batch size 1 vs 5, the largest |score - reference| is I03 0.012,
+# I04 0.007, I06 0.12, I08 0.77, I19 8.1 (the correctly rounded convolution gives 74.9).
+# Each tolerance below is 1.5x the largest deviation measured (headroom for kernels between the
+# emulated ones), at least 1e-3. What they still catch: a NIQE change over 1e-3 on four of five
+# images (0.01-0.03 %), a BRISQUE change over 0.02 on I03 and I04 (I03 scores 94.6). A 1 %
+# range error, BGR order, bf16 inputs or a 1-pixel shift move NIQE on I04 by 0.04-0.26 and
+# BRISQUE on I03 by 0.6-5.
+#: Cross-kernel tolerance per calibration image, in CALIBRATION_IMAGES order.
+KERNEL_ATOL = {
+    "niqe": [0.035, 1e-3, 1e-3, 1e-3, 1e-3],
+    "brisque": [0.02, 0.015, 0.2, 1.2, 12.5],
+}
+#: pyiqa's own (atol, rtol) against the official implementations (TOL_DICT of its
+#: tests/test_metric_general.py); KERNEL_ATOL is added, as the official scores do not move.
 TOLERANCE_OFFICIAL = {"niqe": (1e-2, 6e-2), "brisque": (1e-2, 8e-2)}
 
 
@@ -106,18 +137,25 @@ def test_brisque_conversion_refuses_another_svr(tmp_path) -> None:
         write_brisque_weights(model, tmp_path / "out.pth")
 
 
+def _assert_within(scores: torch.Tensor, reference: list[float], tolerance: torch.Tensor) -> None:
+    rows = zip(CALIBRATION_IMAGES, scores.tolist(), reference, tolerance.tolist(), strict=True)
+    far = [
+        f"{name}: {score:.5f} vs {ref:.5f} (tolerance {tol:.3g})"
+        for name, score, ref, tol in rows
+        if not abs(score - ref) <= tol
+    ]
+    assert not far, "; ".join(far)
+
+
 @pytest.mark.parametrize("metric", ["niqe", "brisque"])
 def test_scores_match_pyiqa_calibration(heads, calibration_images, metric: str) -> None:
     with torch.no_grad():
         scores = heads[metric](calibration_images).double()
-    atol, rtol = TOLERANCE_PYIQA[metric]
-    torch.testing.assert_close(
-        scores, torch.tensor(PYIQA_SCORES[metric], dtype=torch.double), atol=atol, rtol=rtol
-    )
+    kernel = torch.tensor(KERNEL_ATOL[metric], dtype=torch.double)
+    _assert_within(scores, PYIQA_SCORES[metric], kernel)
     atol, rtol = TOLERANCE_OFFICIAL[metric]
-    torch.testing.assert_close(
-        scores, torch.tensor(OFFICIAL_SCORES[metric], dtype=torch.double), atol=atol, rtol=rtol
-    )
+    official = torch.tensor(OFFICIAL_SCORES[metric], dtype=torch.double)
+    _assert_within(scores, OFFICIAL_SCORES[metric], atol + rtol * official.abs() + kernel)
 
 
 @pytest.mark.parametrize("metric", ["niqe", "brisque"])
@@ -167,7 +205,7 @@ def test_unscorable_images_get_the_worst_score_not_nan(heads, metric: str) -> No
             again = head(images)
     assert again[:3].tolist() == [worst] * 3
     # one image at a time here, five at once above: BRISQUE's float32 convolutions differ by a few
-    # 1e-7 relative, which its local-variance cancellation amplifies (see TOLERANCE_PYIQA)
+    # 1e-7 relative, which its local-variance cancellation amplifies (see KERNEL_ATOL)
     torch.testing.assert_close(again, scores.detach(), rtol=1e-4, atol=0)
 
 
