@@ -84,10 +84,15 @@ def test_tiny_overlays_fit_then_validate_test_predict(name: str, tmp_path, monke
     out = tmp_path / "outputs" / Path(name).stem
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)["state_dict"]
-    assert state and all(
-        "lora_" in k or k in {"w_anchor_state", "drift_ema", "drift_ema_steps", "skipped_steps"}
-        for k in state
-    )
+    dual_and_guard_state = {
+        "w_anchor_state",
+        "drift_ema",
+        "drift_ema_steps",
+        "skipped_steps",
+        "overflow_steps",
+    }
+    assert state and all("lora_" in k or k in dual_and_guard_state for k in state)
+    assert dual_and_guard_state <= set(state)
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     for command in ("validate", "test", "predict"):
         main([command, *_config_args(name), "--ckpt_path", str(last), "--trainer.logger", "false"])
