@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+DEMO_WEIGHTS := src/acpo_demo/weights
+# acpo_demo is not in the acpo-lightning wheel: every target imports it from this checkout's src/
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: help install fashion-mnist test test-fast demo demo-no-anchor ablations pretrain-demo bench lint clean
 
@@ -42,25 +45,25 @@ demo: install fashion-mnist  ## ACPO on the embedded Fashion-MNIST model, its w_
 	rm -rf outputs/demo outputs/demo_control
 	$(VENV)/bin/acpo fit --config configs/demo.yaml
 	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_control.yaml
-	$(PY) -m acpo_lightning.demo.evaluate --out outputs/demo \
+	$(PY) -m acpo_demo.evaluate --out outputs/demo \
 		--run ACPO=outputs/demo/lora/last --run control=outputs/demo_control/lora/last
 
 demo-no-anchor: install fashion-mnist  ## the demo with w_anchor 0 (for the report), evaluated beside the base
 	rm -rf outputs/demo_no_anchor
 	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_no_anchor.yaml
-	$(PY) -m acpo_lightning.demo.evaluate --out outputs/demo_no_anchor \
+	$(PY) -m acpo_demo.evaluate --out outputs/demo_no_anchor \
 		--run no-anchor=outputs/demo_no_anchor/lora/last
 
 ablations: install fashion-mnist  ## the demo's ablation sweeps for docs/ablations.md (full setting, about 35 min on 2 CPU cores)
-	$(PY) -m acpo_lightning.demo.ablations --setting full --out docs/ablations
+	$(PY) -m acpo_demo.ablations --setting full --out docs/ablations
 
 pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from scratch (about 95 min on 2 CPU cores)
-	$(PY) -m acpo_lightning.demo.pretrain vae
-	$(PY) -m acpo_lightning.demo.pretrain classifier
-	$(PY) -m acpo_lightning.demo.pretrain evaluator
-	$(PY) -m acpo_lightning.demo.pretrain unet
-	$(PY) -m acpo_lightning.demo.pretrain guidance
-	$(PY) -m acpo_lightning.demo.pretrain check
+	$(PY) -m acpo_demo.pretrain vae --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain classifier --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain evaluator --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain unet --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain guidance --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain check --out $(DEMO_WEIGHTS)
 
 bench: install  ## step-cost benchmark, the README's table (about 21 min on 2 CPU cores; writes outputs/bench/)
 	$(PY) benchmarks/step_cost.py --rounds 2 --variants plain_lora acpo_toggle_share0.25 \

@@ -53,7 +53,7 @@ print(f"{SETTING}: {STEPS} training steps; outputs in {OUT}")""",
         "md",
         """## 1. Build the module from its parts
 
-`ACPOModule` takes every network as an argument. The `acpo_lightning.demo.load_demo_*` factories
+`ACPOModule` takes every network as an argument. The `acpo_demo.load_demo_*` factories
 load the shipped weights; for your own model the factories of `acpo_lightning.models`
 (`load_unet`, `load_vae`, `load_text_encoder`, ... from the hub or a local folder) play the same
 part. `add_lora` freezes the UNet and adds the trainable adapters.
@@ -69,7 +69,7 @@ its adapters switched off, so it costs no second copy.""",
         """import torch
 
 from acpo_lightning import ACPOModule
-from acpo_lightning.demo import (
+from acpo_demo import (
     FashionMNISTDataModule,
     load_demo_guidance_head,
     load_demo_sampler,
@@ -174,8 +174,8 @@ consistency) that never guide training. After 5 smoke steps the two rows look al
     ),
     (
         "code",
-        """from acpo_lightning.demo import CLASS_NAMES, load_demo_classifier, load_demo_evaluator
-from acpo_lightning.demo.evaluate import heldout_prompts
+        """from acpo_demo import CLASS_NAMES, load_demo_classifier, load_demo_evaluator
+from acpo_demo.evaluate import heldout_prompts
 
 prompts, labels = heldout_prompts(per_class=1)  # one held-out wording per class
 tuned = module.generate(prompts, seed=0)
@@ -225,7 +225,7 @@ fresh module built from the shipped base, and reproduces the tuned images.""",
         "code",
         """from safetensors import safe_open
 
-from acpo_lightning.demo.evaluate import demo_module
+from acpo_demo.evaluate import demo_module
 
 path = module.save_lora(OUT / "lora")
 with safe_open(str(path), framework="pt") as weights:
@@ -261,7 +261,7 @@ Every point is `configs/demo.yaml` with one knob changed, trained through the sa
 <run>/overlay.yaml` repeats it), evaluated like `make demo` (held-out prompt wordings and seeds;
 guidance IQA, an independent IQA model, prompt consistency, KID to real images, diversity; paired
 differences to the base), with its training curves read back from TensorBoard. The code lives in
-`acpo_lightning.demo.ablations`; `make ablations` writes the figures of `docs/ablations.md` with it.
+`acpo_demo.ablations`; `make ablations` writes the figures of `docs/ablations.md` with it.
 
 **Setting.** `"smoke"` (the default) trains every run for 3 steps on small batches with a small
 evaluation: it checks the machinery in a couple of minutes (CI runs it) and **its numbers mean
@@ -282,8 +282,8 @@ REUSE = True  # running the notebook again reuses finished runs whose configurat
         """import matplotlib.pyplot as plt
 from IPython.display import Image, Markdown, display
 
-from acpo_lightning.demo import ablations, evaluate
-from acpo_lightning.demo.ablations import report
+from acpo_demo import ablations, evaluate
+from acpo_demo.ablations import report
 
 setting = ablations.SETTINGS[SETTING]
 runs = ablations.plan(setting)
@@ -316,7 +316,7 @@ Two knobs do nothing in the demo's own configuration, so their sweeps change one
     ),
     (
         "code",
-        """from acpo_lightning.demo import load_demo_sampler
+        """from acpo_demo import load_demo_sampler
 
 sampler = load_demo_sampler()
 sampler.set_timesteps(10)
@@ -389,7 +389,7 @@ plt.close(figure)""",
         """## The report
 
 The same tables and plots as files: `results.md`, `results.json` and the PNGs. `make ablations`
-(`python -m acpo_lightning.demo.ablations --setting full --out docs/ablations`) writes them for
+(`python -m acpo_demo.ablations --setting full --out docs/ablations`) writes them for
 `docs/ablations.md`.""",
     ),
     (

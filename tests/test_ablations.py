@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from acpo_lightning.demo import ablations
-from acpo_lightning.demo.ablations import (
+from acpo_demo import ablations
+from acpo_demo.ablations import (
     DEMO_DEFAULTS,
     SETTINGS,
     AblationResults,
@@ -28,7 +28,7 @@ from acpo_lightning.demo.ablations import (
     run_name,
     run_point,
 )
-from acpo_lightning.demo.ablations import report as R
+from acpo_demo.ablations import report as R
 from conftest import CONFIGS
 
 
@@ -74,7 +74,7 @@ def test_points_equal_to_the_demo_share_one_run_and_every_other_point_is_distinc
 def test_every_tau_point_opens_the_gate_on_a_different_share_of_the_scored_steps(
     setting: str,
 ) -> None:
-    from acpo_lightning.demo import load_demo_sampler
+    from acpo_demo import load_demo_sampler
 
     sampler = load_demo_sampler()
     sampler.set_timesteps(
@@ -225,9 +225,9 @@ def test_write_report_writes_tables_json_and_every_plot(results: AblationResults
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
     results.runs["w_perc=0"].summary["train_iqa"] = float("nan")  # a run that logged no score
-    path = R.write_report(results, out, "python -m acpo_lightning.demo.ablations --setting smoke")
+    path = R.write_report(results, out, "python -m acpo_demo.ablations --setting smoke")
     text = path.read_text()
-    assert "`python -m acpo_lightning.demo.ablations --setting smoke`" in text
+    assert "`python -m acpo_demo.ablations --setting smoke`" in text
     for sweep in results.sweeps:
         assert f"## {sweep.title}" in text and R.sweep_table(sweep, results) in text
         for name in (R.curve_file(sweep), R.sample_file(sweep)):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from acpo_lightning.demo import fashion
-from acpo_lightning.demo.fashion import (
+from acpo_demo import fashion
+from acpo_demo.fashion import (
     HELDOUT_TEMPLATES,
     TRAIN_TEMPLATES,
     FashionMNISTDataModule,
@@ -23,7 +23,7 @@ from acpo_lightning.demo.fashion import (
 )
 from conftest import CONFIGS
 
-WEIGHTS = fashion.Path(__file__).resolve().parents[1] / "src/acpo_lightning/demo/weights"
+WEIGHTS = fashion.Path(__file__).resolve().parents[1] / "src/acpo_demo/weights"
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -87,7 +87,7 @@ def test_datamodule_batches_prompts_images_and_labels(tiny_fashion) -> None:
 
 
 def test_minilm_loads_offline_with_the_demo_prompt_length() -> None:
-    from acpo_lightning.demo import load_minilm, load_minilm_tokenizer
+    from acpo_demo import load_minilm, load_minilm_tokenizer
 
     tokenizer, encoder = load_minilm_tokenizer(), load_minilm()
     longest = max(
@@ -117,6 +117,46 @@ def test_manifest_records_how_each_shipped_model_was_made() -> None:
     assert size < 40e6
 
 
+# ------------------------------------------------------------------ where retraining writes
+def test_pretrain_defaults_to_the_checkouts_weights_folder() -> None:
+    from acpo_demo.pretrain import default_out
+
+    # these tests run from a source checkout, where the shipped weights are rebuilt in place
+    assert default_out() == WEIGHTS.resolve()
+
+
+def test_pretrain_never_writes_into_an_installed_package_by_default(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from acpo_demo import pretrain
+
+    installed = tmp_path / "lib" / "python3.11" / "site-packages" / "acpo_demo"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(pretrain, "PACKAGE_DIR", installed)
+    with pytest.raises(SystemExit) as info:  # before any data is read or folder made
+        pretrain.main(["vae", "--data", str(tmp_path / "no-data"), "--max-steps", "0"])
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    assert str(installed / "weights") in message and "installed package" in message
+    assert "--out <folder>" in message
+    assert list(installed.iterdir()) == []
+    with pytest.raises(ValueError, match="installed package"):
+        pretrain.default_out(installed)
+
+
+def test_pretrain_writes_where_out_says(tmp_path, monkeypatch) -> None:
+    from acpo_demo import pretrain
+
+    installed = tmp_path / "site-packages" / "acpo_demo"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(pretrain, "PACKAGE_DIR", installed)
+    seen = []  # the training itself is not under test here: only the folder it is given
+    monkeypatch.setattr(pretrain, "train_vae", lambda args: seen.append(args.out))
+    pretrain.main(["vae", "--out", str(tmp_path / "mine")])
+    assert seen == [tmp_path / "mine"] and (tmp_path / "mine").is_dir()
+    assert list(installed.iterdir()) == []
+
+
 # The figures below are measured on the manifest's own images, with its own seeds, so the only
 # legitimate difference is float32 rounding, which moves them by 1e-8 relative here (1 or 2
 # threads, batch sizes 100 to 500; the manifest's figures are reproduced bit for bit). Each
@@ -124,8 +164,8 @@ def test_manifest_records_how_each_shipped_model_was_made() -> None:
 # outputs: float32 eps x sqrt(fan-in) over its layers) and says what change it still catches.
 @pytest.mark.slow
 def test_shipped_vae_and_classifier_reproduce_their_figures() -> None:
-    from acpo_lightning.demo import load_demo_classifier, load_demo_vae
-    from acpo_lightning.demo.pretrain import classifier_accuracy, vae_recon_mse
+    from acpo_demo import load_demo_classifier, load_demo_vae
+    from acpo_demo.pretrain import classifier_accuracy, vae_recon_mse
 
     manifest = _manifest()
     test, labels = load_fashion_mnist("test")
@@ -143,9 +183,9 @@ def test_shipped_vae_and_classifier_reproduce_their_figures() -> None:
 
 @pytest.mark.slow
 def test_shipped_quality_models_reproduce_their_srocc() -> None:
-    from acpo_lightning.demo import load_demo_evaluator, load_demo_guidance_head
-    from acpo_lightning.demo.evaluator import ladders
-    from acpo_lightning.demo.pretrain import ladder_srocc, srocc
+    from acpo_demo import load_demo_evaluator, load_demo_guidance_head
+    from acpo_demo.evaluator import ladders
+    from acpo_demo.pretrain import ladder_srocc, srocc
     from acpo_lightning.quality.iqa_data import SyntheticDistortionDataset
 
     manifest = _manifest()
@@ -174,8 +214,8 @@ def test_shipped_quality_models_reproduce_their_srocc() -> None:
 @pytest.mark.slow
 def test_demo_config_fits_a_few_rollout_steps_and_exports_the_lora(tiny_fashion, tmp_path) -> None:
     _manifest()
+    from acpo_demo.evaluate import lora_layout
     from acpo_lightning.cli import main
-    from acpo_lightning.demo.evaluate import lora_layout
 
     out = tmp_path / "run"
     main([
@@ -192,7 +232,7 @@ def test_demo_config_fits_a_few_rollout_steps_and_exports_the_lora(tiny_fashion,
 
 # ---------------------------------------------------------------------------------- evaluation
 def test_heldout_evaluation_prompts_cover_every_class_with_unseen_wordings() -> None:
-    from acpo_lightning.demo.evaluate import heldout_prompts
+    from acpo_demo.evaluate import heldout_prompts
 
     prompts, labels = heldout_prompts(per_class=2)
     assert sorted(set(labels)) == list(range(10)) and len(prompts) == 20
@@ -200,7 +240,7 @@ def test_heldout_evaluation_prompts_cover_every_class_with_unseen_wordings() -> 
 
 
 def test_mean_ci_is_the_student_t_interval() -> None:
-    from acpo_lightning.demo.evaluate import mean_ci
+    from acpo_demo.evaluate import mean_ci
 
     mean, half = mean_ci(torch.tensor([1.0, 2.0, 3.0]))
     assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 / 3**0.5, rel=1e-3)
@@ -209,7 +249,7 @@ def test_mean_ci_is_the_student_t_interval() -> None:
 def test_classifier_features_feed_torchmetrics_kid() -> None:
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    from acpo_lightning.demo.classifier import ClassifierFeatures, FashionClassifier
+    from acpo_demo.classifier import ClassifierFeatures, FashionClassifier
 
     torch.manual_seed(0)
     net = FashionClassifier(width=8, feature_dim=16).requires_grad_(False).eval()
@@ -227,7 +267,7 @@ def test_classifier_features_feed_torchmetrics_kid() -> None:
 
 @pytest.mark.slow
 def test_shipped_base_model_follows_held_out_prompts() -> None:
-    from acpo_lightning.demo.pretrain import base_consistency
+    from acpo_demo.pretrain import base_consistency
 
     recorded = _manifest()["base_checks"]["base_cfg3"]
     # the manifest's 80 images: 4 seeds x 20 held-out prompts (2 per class)

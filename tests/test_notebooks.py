@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def _execute(name: str, kernel: str, out: Path, monkeypatch: pytest.MonkeyPatch)
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ACPO_NOTEBOOK_SETTING", "smoke")
+    # acpo_demo is not installed with the library: the kernel imports it from the checkout's src/
+    path = [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
     monkeypatch.setenv("ACPO_NOTEBOOK_OUT", str(out))
     # one thread: the kernel's small ops otherwise crawl when other jobs share the machine
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -94,7 +98,7 @@ def test_quickstart_notebook_runs_in_the_smoke_setting(
 def test_ablations_notebook_runs_every_sweep_in_the_smoke_setting(
     kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from acpo_lightning.demo.ablations import SETTINGS, plan
+    from acpo_demo.ablations import SETTINGS, plan
 
     out = tmp_path / "out"
     _execute("02_ablations.ipynb", kernel, out, monkeypatch)

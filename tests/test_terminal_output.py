@@ -15,7 +15,7 @@ import torch
 
 from acpo_lightning import ACPOModule
 from acpo_lightning.quiet_imports import quiet_imports
-from conftest import make_module
+from conftest import REPO, make_module
 
 #: What bitsandbytes logs when peft (which diffusers' model classes import) imports it on a CPU
 #: with AVX512-BF16 and without the ``kernels`` package.
@@ -45,7 +45,7 @@ def test_quiet_imports_drops_only_that_message_and_only_inside() -> None:
     [
         ["-m", "acpo_lightning", "--help"],  # peft first imported by models/lora.py
         ["-c", "import acpo_lightning.testing"],  # by diffusers' UNet2DConditionModel
-        ["-c", "import acpo_lightning.demo.assets"],  # the same, for the demo
+        ["-c", "import acpo_demo.assets"],  # the same, for the demo
     ],
     ids=["acpo-help", "testing", "demo"],
 )
@@ -56,10 +56,12 @@ def test_a_fresh_process_prints_no_bitsandbytes_kernel_warning(
 
     On a CPU without AVX512-BF16 bitsandbytes logs nothing and this test cannot fail there.
     """
+    # acpo_demo is not installed with the library: the child imports it from the checkout's src/
+    path = os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     result = subprocess.run(
         [sys.executable, *args],
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path},
         capture_output=True,
         text=True,
         timeout=300,

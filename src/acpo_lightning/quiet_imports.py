@@ -4,7 +4,7 @@ peft imports bitsandbytes, and diffusers' model classes import peft. On a CPU wi
 bitsandbytes then logs ``Failed to load CPU gemm_4bit_forward from kernels-community ... pip
 install kernels`` at import: an optional kernel for 4-bit CPU inference, which ACPO never uses.
 The few imports that first pull in peft (:mod:`acpo_lightning.models.lora`,
-:mod:`acpo_lightning.testing`, :mod:`acpo_lightning.demo.assets`) run inside :func:`quiet_imports`,
+:mod:`acpo_lightning.testing`, :mod:`acpo_demo.assets`) run inside :func:`quiet_imports`,
 which drops exactly that message while they run and leaves logging as it was afterwards: it is
 logged once per process, at import, so nothing else is hidden.
 """

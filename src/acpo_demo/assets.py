@@ -1,7 +1,8 @@
 """Factories for the demo's shipped weights (YAML ``class_path`` targets; nothing is downloaded).
 
-The weights live in ``acpo_lightning/demo/weights/`` (``make pretrain-demo`` rebuilds them); each
-factory takes an optional ``path`` to use another copy, e.g. one retrained with other settings.
+The weights live in the repository's ``src/acpo_demo/weights/`` (``make pretrain-demo`` rebuilds
+them; they are not in the ``acpo-lightning`` wheel); each factory takes an optional ``path`` to use
+another copy, e.g. one retrained with other settings.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from acpo_lightning.demo.classifier import FashionClassifier
+from acpo_demo.classifier import FashionClassifier
 from acpo_lightning.models.loading import ModelNotFoundError
 from acpo_lightning.quality.two_stream import TwoStreamIQA
 from acpo_lightning.quiet_imports import quiet_imports
@@ -31,9 +32,10 @@ def demo_weights(part: str, path: str | Path | None = None) -> Path:
     folder = Path(path) if path is not None else WEIGHTS_DIR / part
     if not folder.is_dir():
         raise ModelNotFoundError(
-            f"demo weights '{part}' not found at {folder}. They ship inside the acpo-lightning "
-            "package (reinstall it, or check that package_data includes demo/weights); rebuild "
-            f"them with `make pretrain-demo` (python -m acpo_lightning.demo.pretrain {part})."
+            f"demo weights '{part}' not found at {folder}. They ship with the acpo-lightning "
+            "repository in src/acpo_demo/weights (not in the wheel): run the demo from a checkout "
+            "with src on PYTHONPATH, pass `path` to another copy, or rebuild them with `make "
+            f"pretrain-demo` (python -m acpo_demo.pretrain {part} --out <folder>)."
         )
     return folder
 
@@ -71,6 +73,6 @@ def load_demo_classifier(path: str | None = None) -> FashionClassifier:
 
 def load_demo_evaluator(path: str | None = None) -> nn.Module:
     """The independent quality evaluator (never used for guidance), frozen."""
-    from acpo_lightning.demo.evaluator import PatchQualityNet
+    from acpo_demo.evaluator import PatchQualityNet
 
     return PatchQualityNet.from_pretrained(demo_weights("eval_iqa", path))

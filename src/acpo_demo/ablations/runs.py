@@ -1,7 +1,7 @@
 """Training, evaluation and training curves of the ablation runs.
 
 A run trains through the CLI's own config path (``build_cli`` on ``configs/demo.yaml`` plus the
-run's overlay, then ``trainer.fit``), is evaluated by :mod:`acpo_lightning.demo.evaluate` paired
+run's overlay, then ``trainer.fit``), is evaluated by :mod:`acpo_demo.evaluate` paired
 with one cached evaluation of the base model, and its curves are read back from TensorBoard.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from acpo_lightning.demo import evaluate
-from acpo_lightning.demo.ablations.sweeps import (
+from acpo_demo import evaluate
+from acpo_demo.ablations.sweeps import (
     DEMO_CONFIG,
     SETTINGS,
     Point,
@@ -281,7 +281,7 @@ def run_point(
     """Train and evaluate one run under ``work/runs/<name>`` (or reuse it if ``reuse`` and unchanged).
 
     Args:
-        name: the run's name (:func:`~acpo_lightning.demo.ablations.sweeps.run_name`).
+        name: the run's name (:func:`~acpo_demo.ablations.sweeps.run_name`).
         overrides: its changes to ``configs/demo.yaml`` (dotted keys, ``model.tau``).
         setting: steps, batch and evaluation size.
         evaluation: the prepared evaluation with the base's result (unused when reused).

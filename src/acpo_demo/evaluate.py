@@ -4,7 +4,7 @@ For every model it samples the same held-out prompts (wordings never used in tra
 same seeds and reports
 
 * guidance IQA: the TwoStream head ACPO optimized (mean, 95% CI over seeds);
-* evaluation IQA: the independent :class:`~acpo_lightning.demo.evaluator.PatchQualityNet`;
+* evaluation IQA: the independent :class:`~acpo_demo.evaluator.PatchQualityNet`;
 * prompt consistency: share of images the classifier puts in the prompted class, and the mean
   probability it gives that class;
 * KID to real test images on the classifier's penultimate features (torchmetrics'
@@ -13,7 +13,7 @@ same seeds and reports
 
 Usage::
 
-    python -m acpo_lightning.demo.evaluate --run ACPO=outputs/demo/lora/last \\
+    python -m acpo_demo.evaluate --run ACPO=outputs/demo/lora/last \\
         --run control=outputs/demo_control/lora/last --out outputs/demo
 
 writes ``results.md``, ``results.json`` and one PNG grid per model (rows: prompts, columns: seeds).
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from acpo_lightning.demo.assets import (
+from acpo_demo.assets import (
     load_demo_classifier,
     load_demo_evaluator,
     load_demo_guidance_head,
@@ -39,9 +39,9 @@ from acpo_lightning.demo.assets import (
     load_demo_unet,
     load_demo_vae,
 )
-from acpo_lightning.demo.classifier import ClassifierFeatures
-from acpo_lightning.demo.fashion import CLASS_NAMES, caption, load_fashion_mnist
-from acpo_lightning.demo.text import load_minilm, load_minilm_tokenizer
+from acpo_demo.classifier import ClassifierFeatures
+from acpo_demo.fashion import CLASS_NAMES, caption, load_fashion_mnist
+from acpo_demo.text import load_minilm, load_minilm_tokenizer
 
 #: Sampling settings of the evaluation (and of demo.yaml's generate defaults).
 EVAL_STEPS = 10
@@ -248,9 +248,7 @@ def real_reference(count: int = 1000) -> Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     """Entry point: evaluate the base and every ``--run NAME=LORA_DIR``; write the table and grids."""
-    parser = argparse.ArgumentParser(
-        prog="python -m acpo_lightning.demo.evaluate", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m acpo_demo.evaluate", description=__doc__)
     parser.add_argument("--run", action="append", default=[], help="NAME=LORA_DIR (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--seeds", type=int, default=12)

@@ -2,19 +2,19 @@
 
 Each sweep changes one knob of ``configs/demo.yaml`` (everything else as in ``make demo``). A point
 trains a LoRA through the CLI's own config path (``build_cli`` with the demo config and an overlay
-written next to the run), is evaluated by :mod:`acpo_lightning.demo.evaluate` on the held-out
+written next to the run), is evaluated by :mod:`acpo_demo.evaluate` on the held-out
 prompts, paired with one evaluation of the base model per sweep run, and its training curves are
 read back from TensorBoard. Points that are the same run (the demo itself appears in several sweeps)
 are trained once. :data:`SETTINGS` holds ``smoke`` (a minute or two; CI runs the notebooks with it)
 and ``full`` (the figures of ``docs/ablations.md``, about 35 minutes on 2 CPU cores).
 
-* :mod:`~acpo_lightning.demo.ablations.sweeps`: the settings, sweeps and run overlays (pure);
-* :mod:`~acpo_lightning.demo.ablations.runs`: training, evaluation, training curves;
-* :mod:`~acpo_lightning.demo.ablations.report`: tables, plots and the markdown report.
+* :mod:`~acpo_demo.ablations.sweeps`: the settings, sweeps and run overlays (pure);
+* :mod:`~acpo_demo.ablations.runs`: training, evaluation, training curves;
+* :mod:`~acpo_demo.ablations.report`: tables, plots and the markdown report.
 
 Usage::
 
-    python -m acpo_lightning.demo.ablations --setting full --out docs/ablations
+    python -m acpo_demo.ablations --setting full --out docs/ablations
 
 writes ``results.json``, ``results.md`` (a table per sweep) and PNG plots to ``--out``; the runs
 (overlay YAML, LoRA, TensorBoard logs, sample grids) go to ``outputs/ablations/<setting>``.
@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from acpo_lightning.demo.ablations.runs import (
+from acpo_demo.ablations.runs import (
     AblationResults,
     Evaluation,
     RunResult,
@@ -40,7 +40,7 @@ from acpo_lightning.demo.ablations.runs import (
     torch_threads,
     train_run,
 )
-from acpo_lightning.demo.ablations.sweeps import (
+from acpo_demo.ablations.sweeps import (
     CONSTRAINT_DELTA,
     DEMO_CONFIG,
     DEMO_DEFAULTS,
@@ -81,9 +81,9 @@ __all__ = [
 
 def main(argv: list[str] | None = None) -> AblationResults:
     """Entry point: run a setting's sweeps and write the report (tables, plots, JSON) to ``--out``."""
-    from acpo_lightning.demo.ablations.report import write_report
+    from acpo_demo.ablations.report import write_report
 
-    parser = argparse.ArgumentParser(prog="python -m acpo_lightning.demo.ablations")
+    parser = argparse.ArgumentParser(prog="python -m acpo_demo.ablations")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="smoke")
     parser.add_argument("--out", type=Path, default=None, help="report folder")
     parser.add_argument("--work", type=Path, default=None, help="runs folder")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> AblationResults:
     if args.threads is not None:
         setting = dataclasses.replace(setting, threads=args.threads)
     results = run_sweeps(setting, work, args.sweep, args.reuse, args.config)
-    command = "python -m acpo_lightning.demo.ablations " + " ".join(
+    command = "python -m acpo_demo.ablations " + " ".join(
         ["--setting", args.setting, "--out", str(out)] + [f"--sweep {s}" for s in args.sweep or []]
     )
     write_report(results, out, command)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: ``configs/demo.yaml`` of the source checkout this package runs from (an editable install).
-DEMO_CONFIG = Path(__file__).resolve().parents[4] / "configs" / "demo.yaml"
+#: ``configs/demo.yaml`` of the source checkout this package runs from (``src/acpo_demo`` -> root).
+DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
 #: The demo's values of the swept knobs (``configs/demo.yaml``; ``anchor_delta`` is the module's
 #: default); a run is named after the knobs that differ from these.
 DEMO_DEFAULTS: dict[str, Any] = {

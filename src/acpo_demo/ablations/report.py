@@ -1,4 +1,4 @@
-"""Tables, plots and the markdown report of :mod:`acpo_lightning.demo.ablations`.
+"""Tables, plots and the markdown report of :mod:`acpo_demo.ablations`.
 
 The pure parts (:func:`sweep_table`, :func:`tradeoff_data`, :func:`moving_average`) shape the
 results; the plots (matplotlib, the ``dev`` extra) return figures that the notebook shows and
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acpo_lightning.demo import evaluate
-from acpo_lightning.demo.ablations.runs import (
+from acpo_demo import evaluate
+from acpo_demo.ablations.runs import (
     DRIFT_TAGS,
     AblationResults,
     Sweep,

@@ -2,14 +2,16 @@
 
 Subcommands, in dependency order (``make pretrain-demo`` runs them all)::
 
-    python -m acpo_lightning.demo.pretrain vae          # AutoencoderKL 32x32x3 -> 8x8x4
-    python -m acpo_lightning.demo.pretrain classifier   # prompt-consistency / KID feature classifier
-    python -m acpo_lightning.demo.pretrain unet         # latent UNet2DConditionModel (MiniLM tokens)
-    python -m acpo_lightning.demo.pretrain guidance     # TwoStreamIQA guidance head
-    python -m acpo_lightning.demo.pretrain evaluator    # independent quality evaluator
+    python -m acpo_demo.pretrain vae          # AutoencoderKL 32x32x3 -> 8x8x4
+    python -m acpo_demo.pretrain classifier   # prompt-consistency / KID feature classifier
+    python -m acpo_demo.pretrain unet         # latent UNet2DConditionModel (MiniLM tokens)
+    python -m acpo_demo.pretrain guidance     # TwoStreamIQA guidance head
+    python -m acpo_demo.pretrain evaluator    # independent quality evaluator
 
-Each writes into ``--out`` (default: the package's ``demo/weights``) and records how it was made
-and its own figures in ``manifest.json``. Every run is seeded; ``--minutes`` caps the wall clock.
+Each writes into ``--out`` and records how it was made and its own figures in ``manifest.json``.
+Without ``--out`` it writes into the shipped ``src/acpo_demo/weights`` only when that folder is a
+source checkout's; it never writes into an installed package (see :func:`default_out`). Every run
+is seeded; ``--minutes`` caps the wall clock.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import site
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +32,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from acpo_lightning.demo.fashion import all_captions, load_fashion_mnist
+from acpo_demo.fashion import all_captions, load_fashion_mnist
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = PACKAGE_DIR / "weights"
 MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _installed_roots() -> list[Path]:
+    """The folders that installers write packages into (site-packages and the like)."""
+    roots = [sysconfig.get_path(name) for name in ("purelib", "platlib")]
+    roots += [*site.getsitepackages(), site.getusersitepackages()]
+    return [Path(root).resolve() for root in roots if root]
+
+
+def is_installed_package(package_dir: Path) -> bool:
+    """Whether ``package_dir`` lies in an installed location rather than a source checkout."""
+    package_dir = Path(package_dir).resolve()
+    if {"site-packages", "dist-packages"} & set(package_dir.parts):
+        return True
+    return any(package_dir.is_relative_to(root) for root in _installed_roots())
+
+
+def default_out(package_dir: Path | None = None) -> Path:
+    """Where ``pretrain`` writes without ``--out``: the package's ``weights``, from a checkout only.
+
+    Args:
+        package_dir: the ``acpo_demo`` folder (default: this module's).
+
+    Returns:
+        ``package_dir / "weights"`` when the package is a writable source checkout.
+
+    Raises:
+        ValueError: the package is installed (site-packages) or read-only; pass ``--out``.
+    """
+    package_dir = Path(package_dir) if package_dir is not None else PACKAGE_DIR
+    weights = package_dir / "weights"
+    if is_installed_package(package_dir):
+        why = "is inside an installed package"
+    elif not os.access(package_dir, os.W_OK):
+        why = "is not writable"
+    else:
+        return weights
+    raise ValueError(
+        f"no --out given, and the default weights folder {weights} {why}: retraining never "
+        "writes into an installed package. Pass --out <folder> (e.g. --out outputs/demo_weights), "
+        "then load it with the factories' `path` argument; or run from a source checkout of "
+        "acpo-lightning (`make pretrain-demo` writes src/acpo_demo/weights)."
+    )
+
+
 def update_manifest(out: Path, key: str, entry: dict[str, Any]) -> None:
     """Merge ``entry`` under ``key`` into ``out/manifest.json``."""
     path = out / MANIFEST
@@ -50,7 +99,7 @@ def read_manifest(out: Path = WEIGHTS_DIR) -> dict[str, Any]:
 
 def _command() -> str:
     """The command line that is running, for the manifest."""
-    return "python -m acpo_lightning.demo.pretrain " + " ".join(sys.argv[1:])
+    return "python -m acpo_demo.pretrain " + " ".join(sys.argv[1:])
 
 
 def _log(name: str, step: int, start: float, **values: float) -> None:
@@ -180,7 +229,7 @@ def classifier_accuracy(
 
 def train_classifier(args: argparse.Namespace) -> None:
     """Train the evaluator classifier (random shifts and flips; AdamW with a cosine schedule)."""
-    from acpo_lightning.demo.classifier import FashionClassifier
+    from acpo_demo.classifier import FashionClassifier
 
     torch.manual_seed(args.seed)
     images, labels = load_fashion_mnist("train", args.data)
@@ -241,7 +290,7 @@ def ladder_srocc(net: torch.nn.Module, images: Tensor, make_ladders, seed: int =
 
 def train_evaluator(args: argparse.Namespace) -> None:
     """Train the independent evaluator on structural-corruption ladders (ranking + MSE)."""
-    from acpo_lightning.demo.evaluator import EVAL_DISTORTIONS, PatchQualityNet, ladders
+    from acpo_demo.evaluator import EVAL_DISTORTIONS, PatchQualityNet, ladders
     from acpo_lightning.quality.training import pairwise_ranking_loss
 
     torch.manual_seed(args.seed)
@@ -319,7 +368,7 @@ def demo_scheduler_config() -> dict[str, Any]:
 @torch.no_grad()
 def encode_captions(captions: list[str]) -> Tensor:
     """MiniLM hidden states ``[N, 16, 384]`` exactly as ``ACPOModule.encode_prompts`` computes them."""
-    from acpo_lightning.demo.text import DEMO_PROMPT_LENGTH, load_minilm, load_minilm_tokenizer
+    from acpo_demo.text import DEMO_PROMPT_LENGTH, load_minilm, load_minilm_tokenizer
 
     encoder, tokenizer = load_minilm(), load_minilm_tokenizer()
     tokens = tokenizer(
@@ -454,7 +503,7 @@ def base_consistency(
     unet_path: str | None, seeds: int, guidance_scale: float, per_class: int = 2
 ) -> dict[str, float]:
     """Prompt consistency of the base UNet on held-out prompts (the classifier's verdict)."""
-    from acpo_lightning.demo import evaluate as ev
+    from acpo_demo import evaluate as ev
     from acpo_lightning.quality.two_stream import TwoStreamIQA
 
     classifier = ev.load_demo_classifier()
@@ -472,7 +521,7 @@ def base_consistency(
 
 def check_base(args: argparse.Namespace) -> None:
     """Measure the base model's prompt consistency and the classifier's accuracy on VAE reconstructions."""
-    from acpo_lightning.demo.assets import load_demo_classifier, load_demo_vae
+    from acpo_demo.assets import load_demo_classifier, load_demo_vae
 
     test, labels = load_fashion_mnist("test", args.data)
     vae = load_demo_vae(str(args.out / "vae"))
@@ -537,7 +586,7 @@ def base_samples(
     count: int, seed: int, guidance_scale: float, unet_path: str | None = None
 ) -> Tensor:
     """``count`` base-model samples in ``[0, 1]`` for *training* captions (random class and wording)."""
-    from acpo_lightning.demo import evaluate as ev
+    from acpo_demo import evaluate as ev
     from acpo_lightning.quality.two_stream import TwoStreamIQA
 
     module = ev.demo_module(unet_path, None, head=TwoStreamIQA())
@@ -617,7 +666,12 @@ def train_guidance(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------------- CLI
 def _common(parser: argparse.ArgumentParser, minutes: float, batch_size: int, lr: float) -> None:
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="weights folder (default: src/acpo_demo/weights, from a source checkout only)",
+    )
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: auto)")
     parser.add_argument("--minutes", type=float, default=minutes, help="wall-clock budget")
     parser.add_argument("--max-steps", type=int, default=10**9, help="step budget")
@@ -632,9 +686,7 @@ def _common(parser: argparse.ArgumentParser, minutes: float, batch_size: int, lr
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pretrain`` argument parser (one subcommand per model)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m acpo_lightning.demo.pretrain", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m acpo_demo.pretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     vae = sub.add_parser("vae", help="AutoencoderKL 32x32x3 -> 8x8x4")
     _common(vae, minutes=30, batch_size=64, lr=1e-3)
@@ -683,8 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m acpo_lightning.demo.pretrain``."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``python -m acpo_demo.pretrain``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is None:
+        try:
+            args.out = default_out()
+        except ValueError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.func(args)

@@ -1,11 +1,14 @@
-"""The embedded default: small models pretrained on Fashion-MNIST that ship with the package.
+"""The embedded default: small models pretrained on Fashion-MNIST, shipped with the repository.
+
+A package of its own beside ``acpo_lightning``, not part of the ``acpo-lightning`` wheel; it runs
+from a source checkout (``make demo`` puts ``src`` on ``PYTHONPATH``).
 
 ``configs/demo.yaml`` fine-tunes the shipped latent text-to-image model with ACPO on CPU;
-``python -m acpo_lightning.demo.pretrain`` rebuilds every shipped model; ``python -m
-acpo_lightning.demo.evaluate`` writes the before/after table.
+``python -m acpo_demo.pretrain`` rebuilds every shipped model; ``python -m
+acpo_demo.evaluate`` writes the before/after table.
 """
 
-from acpo_lightning.demo.assets import (
+from acpo_demo.assets import (
     WEIGHTS_DIR,
     demo_weights,
     load_demo_classifier,
@@ -16,7 +19,7 @@ from acpo_lightning.demo.assets import (
     load_demo_unet,
     load_demo_vae,
 )
-from acpo_lightning.demo.fashion import (
+from acpo_demo.fashion import (
     CLASS_NAMES,
     FashionMNISTDataModule,
     FashionMNISTNotFoundError,
@@ -25,7 +28,7 @@ from acpo_lightning.demo.fashion import (
     find_fashion_mnist,
     load_fashion_mnist,
 )
-from acpo_lightning.demo.text import load_minilm, load_minilm_tokenizer
+from acpo_demo.text import load_minilm, load_minilm_tokenizer
 
 __all__ = [
     "CLASS_NAMES",
