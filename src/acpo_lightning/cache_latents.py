@@ -18,14 +18,12 @@ an image is not exactly the crop (a square image with ``resize``), naming the ro
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +32,9 @@ from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.images import describe_ref, load_image
 from acpo_lightning.data.latent_cache import MANIFEST_NAME, LatentCacheWriter
 from acpo_lightning.models.fingerprint import vae_fingerprint
+
+if TYPE_CHECKING:
+    from argparse import ArgumentParser
 
 #: Data settings recorded in the manifest (those that shape the cached tensors or pick the rows).
 _DATA_SETTINGS = (
@@ -250,11 +251,12 @@ def _resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def load_vae_and_data(config_args: Sequence[str]) -> tuple[nn.Module | None, Any]:
-    """Parse the run config(s) as ``acpo fit`` does and build only ``model.vae`` and ``data``.
+def load_vae_and_data(run_config: Any) -> tuple[nn.Module | None, Any]:
+    """Build only ``model.vae`` and ``data`` of a parsed run config.
 
     Args:
-        config_args: ``--config FILE`` (repeatable) and ``--key value`` overrides, as for ``fit``.
+        run_config: the jsonargparse ``Namespace`` of ``acpo cache-latents`` (parsed as ``acpo fit``
+            parses its files and overrides; see :mod:`acpo_lightning.cli`).
 
     Returns:
         The VAE (``None`` for a pixel-space model) and the DataModule, not set up.
@@ -262,9 +264,6 @@ def load_vae_and_data(config_args: Sequence[str]) -> tuple[nn.Module | None, Any
     import lightning.pytorch as pl
     from jsonargparse import ArgumentParser, Namespace
 
-    from acpo_lightning.cli import parse_run_config
-
-    config = parse_run_config(list(config_args))
     parser = ArgumentParser(prog="acpo cache-latents")
     parser.add_argument("--vae", type=nn.Module | None)
     parser.add_argument("--data", type=pl.LightningDataModule)
@@ -272,53 +271,77 @@ def load_vae_and_data(config_args: Sequence[str]) -> tuple[nn.Module | None, Any
     def plain(value: Any) -> Any:
         return value.as_dict() if isinstance(value, Namespace) else value
 
-    parts = parser.parse_object({"vae": plain(config.model.vae), "data": plain(config.data)})
+    model = run_config.model
+    parts = parser.parse_object({"vae": plain(model.get("vae")), "data": plain(run_config.data)})
     built = parser.instantiate_classes(parts)
     return built.vae, built.data
 
 
-def cache_latents_main(argv: Sequence[str]) -> dict[str, Any]:
-    """``acpo cache-latents --config FILE [--config ...] [--key value ...] --out DIR [options]``."""
-    parser = argparse.ArgumentParser(
-        prog="acpo cache-latents",
-        allow_abbrev=False,
-        description="Encode the training images of a run config once with its frozen VAE, for "
-        "acpo_lightning.data.CachedLatentsDataModule. Every other argument (--config FILE, "
-        "--data.init_args.path DIR, ...) is read as by `acpo fit`; only model.vae and data are built.",
+def add_cache_arguments(parser: ArgumentParser) -> None:
+    """The options of ``acpo cache-latents`` beside those of ``acpo fit`` (``acpo_lightning.cli``)."""
+    group = parser.add_argument_group(
+        "acpo cache-latents",
+        "Every other option (--config FILE, --data.init_args.path DIR, ...) is read as by `acpo "
+        "fit`; only model.vae and data are built.",
     )
-    parser.add_argument("--out", required=True, help="the cache folder")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per VAE call (default 8)")
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
+    group.add_argument("--out", type=str, required=True, help="the cache folder")
+    group.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
+    group.add_argument(
+        "--device",
+        type=str | None,
+        default=None,
+        help="cpu, cuda, cuda:1 (null: cuda if available)",
     )
-    parser.add_argument(
-        "--shard-size", type=int, default=1024, help="rows per shard (default 1024)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
-    args, config_args = parser.parse_known_args(list(argv))
-    if args.batch_size < 1 or args.shard_size < 1:
-        parser.error(
-            f"--batch-size and --shard-size must be >= 1, got {args.batch_size}, {args.shard_size}"
+    group.add_argument("--shard-size", type=int, default=1024, help="rows per shard")
+    group.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+
+
+def cache_latents_command(
+    run_config: Any,
+    out: str,
+    batch_size: int = 8,
+    device: str | None = None,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """``acpo cache-latents``: check ``out``, build the VAE and data, cache, print a summary.
+
+    Args:
+        run_config: the parsed run config (its ``model.vae`` and ``data`` are built).
+        out, batch_size, shard_size, overwrite: as for :func:`cache_latents`.
+        device: where the VAE runs (default: cuda if available).
+
+    Returns:
+        The manifest written to ``out/manifest.json``.
+
+    Raises:
+        ValueError: no ``--config`` was given, a size below 1, an unknown ``device``, or any
+            error of :func:`cache_latents`.
+        FileExistsError: ``out`` holds a cache and ``overwrite`` is not set.
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(
+            f"--batch-size and --shard-size must be >= 1, got {batch_size}, {shard_size}"
         )
-    if not any(a in ("--config", "-c") or a.startswith("--config=") for a in config_args):
-        parser.error(
+    if not run_config.get("config"):
+        raise ValueError(
             "give the run config(s) you train with: --config configs/acpo.yaml [--config ...]"
         )
-    device = _resolve_device(args.device)
-    _check_out(Path(args.out).expanduser(), args.overwrite)  # before any weight is loaded
-    vae, datamodule = load_vae_and_data(config_args)
+    resolved = _resolve_device(device)
+    _check_out(Path(out).expanduser(), overwrite)  # before any weight is loaded
+    vae, datamodule = load_vae_and_data(run_config)
     manifest = cache_latents(
         vae,
         datamodule,
-        args.out,
-        batch_size=args.batch_size,
-        device=device,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
+        out,
+        batch_size=batch_size,
+        device=resolved,
+        shard_size=shard_size,
+        overwrite=overwrite,
     )
     views = " (each in both orientations)" if manifest["views"] == 2 else ""
     print(
         f"cached {manifest['count']} rows{views} in {len(manifest['shards'])} shards to "
-        f"{args.out} ({manifest['dtype']}, moments {manifest['latent_shape']})"
+        f"{out} ({manifest['dtype']}, moments {manifest['latent_shape']})"
     )
     return manifest

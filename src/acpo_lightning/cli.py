@@ -1,22 +1,23 @@
-"""The command line: ``acpo``/``lightning`` ``fit|validate|test|predict --config ...`` and ``acpo export``.
+"""The command line: ``acpo``/``lightning`` ``fit|validate|test|predict|export|cache-latents``.
 
-A ``LightningCLI`` over :class:`~acpo_lightning.ACPOModule` with any ``LightningDataModule``, in
-omegaconf mode so that YAML files can interpolate (``${model.init_args...}``). Lightning 2.6 ships
-no ``lightning`` console script; this package installs one, which would clash with another package
-that installs a script of the same name.
-
-``acpo export --ckpt ... --out ...`` (see :mod:`acpo_lightning.export`) and ``acpo cache-latents
---config ... --out ...`` (see :mod:`acpo_lightning.cache_latents`) are dispatched before
-LightningCLI, whose subcommands are the ``Trainer``'s methods. ``fit`` also saves its config next
+One jsonargparse parser with six subcommands (``acpo --help`` lists them). ``fit``, ``validate``,
+``test`` and ``predict`` are ``LightningCLI``'s: the ``Trainer``'s methods over
+:class:`~acpo_lightning.ACPOModule` and any ``LightningDataModule``, in omegaconf mode so that YAML
+files can interpolate (``${model.init_args...}``). ``export`` (see :mod:`acpo_lightning.export`)
+and ``cache-latents`` (see :mod:`acpo_lightning.cache_latents`) are added to the same subcommand
+table; they run a function of this package and build no ``Trainer``. ``cache-latents`` reads
+everything ``fit`` reads (the same ``--config`` files, overlays and ``--key value`` overrides).
+Lightning 2.6 ships no ``lightning`` console script; this package installs one, which would clash
+with another package that installs a script of the same name. ``fit`` also saves its config next
 to every ``ModelCheckpoint``'s checkpoints, where ``acpo export`` looks for it.
 
 **Errors the user can fix end in one line**, ``acpo: error: <what, which value, the fix>``, and a
-non-zero exit: 2 when the input is wrong (a bad value, missing weights or data, a checkpoint that
-is refused, an output folder that cannot be written), found before or at set-up, so nothing ran;
-1 when a run stops part-way (a checkpoint that could not be written, too many non-finite steps),
-after which ``--ckpt_path last`` resumes. ``ACPO_DEBUG=1`` raises the exception instead. Before
-``fit`` every output folder is created and a probe file written and deleted in it, so a folder
-that cannot be written fails before any model weight is touched.
+non-zero exit, for every subcommand: 2 when the input is wrong (a bad value, missing weights or
+data, a checkpoint that is refused, an output folder that cannot be written), found before or at
+set-up, so nothing ran; 1 when a run stops part-way (a checkpoint that could not be written, too
+many non-finite steps), after which ``--ckpt_path last`` resumes. ``ACPO_DEBUG=1`` raises the
+exception instead. Before ``fit`` every output folder is created and a probe file written and
+deleted in it, so a folder that cannot be written fails before any model weight is touched.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import pickle
 import sys
 import tempfile
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from acpo_lightning import cache_latents, export
 from acpo_lightning.checkpoint_io import (
     CheckpointWriteError,
     SafeCheckpointIO,
@@ -61,6 +62,13 @@ _INPUT_ERRORS = (
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 #: ``--ckpt_path`` values that Lightning resolves itself (also ``registry:...`` and URLs).
 _CKPT_KEYWORDS = frozenset({"last", "best", "hpc", "registry"})
+#: Subcommands beside the Trainer's: each runs a function of this package and builds no Trainer.
+_TOOLS = {
+    "export": "Write a checkpoint's LoRA as pytorch_lora_weights.safetensors for diffusers' "
+    "load_lora_weights.",
+    "cache-latents": "Encode the training images of a run config once with its frozen VAE, for "
+    "acpo_lightning.data.CachedLatentsDataModule.",
+}
 
 
 class OutputFolderError(OSError):
@@ -200,14 +208,41 @@ class ACPOArgumentParser(LightningArgumentParser):
 
 
 class ACPOCLI(LightningCLI):
-    """LightningCLI whose errors that the user can fix end in one clear line (see the module doc).
+    """LightningCLI with ``export`` and ``cache-latents`` beside the Trainer's subcommands, whose
+    errors that the user can fix end in one clear line (see the module doc).
 
     Example:
         ``acpo fit --config configs/acpo.yaml --config configs/tiny.yaml --trainer.max_steps 10``
     """
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """The Trainer's subcommands, then ``export`` and ``cache-latents`` in the same table."""
+        super()._add_subcommands(parser, **kwargs)
+        table = parser._subcommands_action  # jsonargparse allows one add_subcommands() per parser
+        # ``--config`` of ``export`` names training configs to read, not a file of its arguments.
+        export_parser = self.parser_class(description=_TOOLS["export"])
+        export.add_export_arguments(export_parser)
+        table.add_subcommand("export", export_parser, help=_TOOLS["export"])
+        cache_parser = self.init_parser(description=_TOOLS["cache-latents"])
+        cache_latents.add_cache_arguments(cache_parser)  # first, so --help shows them first
+        self._add_arguments(cache_parser)  # everything ``fit`` reads, so its configs parse as-is
+        skip = set(self.subcommands()["fit"])
+        cache_parser.add_method_arguments(self._trainer_type(), "fit", skip=skip)
+        table.add_subcommand("cache-latents", cache_parser, help=_TOOLS["cache-latents"])
+
+    def _trainer_type(self) -> type:
+        from jsonargparse import class_from_function
+
+        trainer = self.trainer_class
+        return trainer if isinstance(trainer, type) else class_from_function(trainer)
+
+    def _runs_a_tool(self) -> bool:
+        return self.config.get("subcommand") in _TOOLS
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyper-parameters (``weights_only``) before anything else."""
+        if self._runs_a_tool():
+            return
         try:
             super()._parse_ckpt_path()
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -218,7 +253,14 @@ class ACPOCLI(LightningCLI):
                 fail(explained)
             fail(error)
 
+    def _set_seed(self) -> None:
+        if not self._runs_a_tool():  # a tool draws no random numbers: no seed, no log line
+            super()._set_seed()
+
     def instantiate_classes(self) -> None:
+        if self._runs_a_tool():  # a tool builds only what it needs, itself
+            self.model, self.datamodule, self.trainer = None, None, None
+            return
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError, pickle.UnpicklingError) as error:
@@ -240,6 +282,9 @@ class ACPOCLI(LightningCLI):
             check_writable(folder, setting)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in _TOOLS:
+            self._run_tool(subcommand, self.config[subcommand])
+            return
         try:
             self._check_ckpt_path(subcommand)
             super()._run_subcommand(subcommand)
@@ -248,6 +293,19 @@ class ACPOCLI(LightningCLI):
             if code is None:
                 raise
             fail(error, code)
+
+    @staticmethod
+    def _run_tool(subcommand: str, args: Any) -> None:
+        """Run ``export`` or ``cache-latents``; an input error ends in one line (exit 2)."""
+        try:
+            if subcommand == "export":
+                export.export_command(args.ckpt, args.out, args.config)
+            else:
+                cache_latents.cache_latents_command(
+                    args, args.out, args.batch_size, args.device, args.shard_size, args.overwrite
+                )
+        except (ValueError, OSError) as error:
+            fail(_reported_cause(error))
 
     def _exit_code(self, error: Exception) -> int | None:
         """``EXIT_INPUT``/``EXIT_RUN`` for an error the user can fix; ``None`` for a bug (re-raised)."""
@@ -294,45 +352,9 @@ class ACPOSaveConfigCallback(SaveConfigCallback):
                 )
 
 
-class ParseOnlyCLI(ACPOCLI):
-    """Parses a ``fit`` command line as :class:`ACPOCLI` does, and builds and runs nothing.
-
-    For commands that need a few parts of a run config (``acpo cache-latents``): the same files,
-    overlays, interpolation and checks as ``acpo fit``, without loading a single weight.
-    """
-
-    def _parse_ckpt_path(self) -> None:
-        return None
-
-    def _set_seed(self) -> None:
-        return None
-
-    def instantiate_classes(self) -> None:
-        return None
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        return None
-
-
-def parse_run_config(args: list[str]) -> Any:
-    """The config ``acpo fit ARGS`` would run (a jsonargparse ``Namespace``), nothing instantiated.
-
-    Args:
-        args: ``--config FILE`` (repeatable) and ``--key value`` overrides, as for ``fit``.
-
-    Raises:
-        SystemExit: a config that does not parse (one ``acpo: error:`` line, exit 2).
-    """
-    with warnings.catch_warnings():  # args are given on purpose, whatever sys.argv holds
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return build_cli(["fit", *args], cli_class=ParseOnlyCLI).config.fit
-
-
-_EPILOG = (
-    "Also: acpo export --ckpt CKPT --out DIR [--config FILE]: write a checkpoint's LoRA as "
-    "pytorch_lora_weights.safetensors for diffusers' load_lora_weights. "
-    "acpo cache-latents --config FILE [--config ...] --out DIR: encode the training images once "
-    "with the VAE, for acpo_lightning.data.CachedLatentsDataModule."
+_DESCRIPTION = (
+    "ACPO fine-tuning of diffusion models: the Trainer's fit, validate, test and predict over "
+    "ACPOModule, LoRA export and latent caching."
 )
 
 
@@ -344,7 +366,7 @@ def build_cli(
         ACPOModule,
         pl.LightningDataModule,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf", "epilog": _EPILOG},
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "acpo", "description": _DESCRIPTION},
         parser_class=ACPOArgumentParser,
         save_config_callback=ACPOSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
@@ -354,35 +376,8 @@ def build_cli(
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point of ``acpo`` and ``lightning``."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["export"]:
-        run_export(argv[1:])
-        return
-    if argv[:1] == ["cache-latents"]:
-        run_cache_latents(argv[1:])
-        return
+    """Console entry point of ``acpo`` and ``lightning``; ``args`` defaults to ``sys.argv[1:]``."""
     build_cli(args)
-
-
-def run_export(argv: list[str]) -> None:
-    """``acpo export``; errors end in one line naming the problem, as for the other subcommands."""
-    from acpo_lightning.export import export_main
-
-    try:
-        export_main(argv)
-    except (ValueError, OSError) as error:
-        fail(error)
-
-
-def run_cache_latents(argv: list[str]) -> None:
-    """``acpo cache-latents``; errors end in one line, as for the other subcommands."""
-    from acpo_lightning.cache_latents import cache_latents_main
-
-    try:
-        cache_latents_main(argv)
-    except (ValueError, OSError) as error:
-        fail(_reported_cause(error))
 
 
 if __name__ == "__main__":  # pragma: no cover

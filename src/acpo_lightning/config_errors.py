@@ -31,6 +31,7 @@ _PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.DOTALL)
 _IN_CLASS = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)", re.DOTALL)
 _OPTION = re.compile(r"Option '([^']+)' is not accepted")
 _GIVEN = re.compile(r"(?:Got value|Given value): (.*)")
+_REQUIRED = re.compile(r"the following arguments are required: ([^\n]+)")
 #: jsonargparse keeps an argument's type hint here (``ActionTypeHint`` is not public).
 _HINT = "_typehint"
 
@@ -53,6 +54,11 @@ def explain(parser: ArgumentParser, message: str, args: list[str] | None = None)
     parser = _command_parser(parser, args or [])
     help_command = f"`{parser.prog.replace(' [options]', '')} --help`"
     help_hint = f"{help_command} lists every key with its type"
+    if (match := _REQUIRED.search(message)) and _reads_config(parser) and not _gave_config(args):
+        return (
+            f"no --config was given, and {match.group(1).strip().rstrip('.')} must be set. Fix: give "
+            "the run config(s) you train with: --config configs/acpo.yaml [--config ...]"
+        )
     if match := _UNRECOGNIZED.search(message):
         return _unknown(match.group(1), "on the command line", _keys(parser), help_hint)
     if match := _NOT_ACCEPTED.search(message):
@@ -137,6 +143,17 @@ def _command_parser(parser: ArgumentParser, args: list[str]) -> ArgumentParser:
         return parser
     chosen = next((a for a in args if a in subcommands._name_parser_map), None)
     return subcommands._name_parser_map[chosen] if chosen else parser
+
+
+def _reads_config(parser: ArgumentParser) -> bool:
+    """Whether ``parser`` reads its arguments from ``--config`` files (not ``acpo export``'s)."""
+    from jsonargparse import ActionConfigFile
+
+    return any(isinstance(action, ActionConfigFile) for action in parser._actions)
+
+
+def _gave_config(args: list[str] | None) -> bool:
+    return any(a in ("--config", "-c") or a.startswith("--config=") for a in args or [])
 
 
 def _keys(parser: ArgumentParser) -> dict[str, tuple[Any, Any]]:

@@ -11,18 +11,20 @@ one folder up, in Lightning's default layout), or the files given with ``--confi
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from acpo_lightning.checkpoint_io import SafeCheckpointIO
 from acpo_lightning.models.lora import add_lora, write_lora_file
+
+if TYPE_CHECKING:
+    from argparse import ArgumentParser
 
 _LORA_KEY = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)\.")
 CONFIG_NAME = "config.yaml"
@@ -163,15 +165,12 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def export_main(argv: Sequence[str]) -> Path:
-    """``acpo export --ckpt CKPT --out DIR [--config FILE ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="acpo export",
-        description="Write a checkpoint's LoRA as pytorch_lora_weights.safetensors for diffusers' "
-        "StableDiffusionPipeline.load_lora_weights.",
+def add_export_arguments(parser: ArgumentParser) -> None:
+    """The options of ``acpo export --ckpt CKPT --out DIR [--config FILE ...]`` (``acpo_lightning.cli``)."""
+    parser.add_argument(
+        "--ckpt", type=str, required=True, help="Lightning checkpoint written by `acpo fit`."
     )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `acpo fit`.")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", type=str, required=True, help="output folder")
     parser.add_argument(
         "--config",
         action="append",
@@ -179,7 +178,10 @@ def export_main(argv: Sequence[str]) -> Path:
         help="training config (repeatable, later files override); default: the config.yaml saved "
         "next to the checkpoint or one folder up",
     )
-    args = parser.parse_args(list(argv))
-    path = export_checkpoint(args.ckpt, args.out, args.config)
+
+
+def export_command(ckpt: str, out: str, configs: Sequence[str] = ()) -> Path:
+    """``acpo export``: :func:`export_checkpoint`, then print the written file."""
+    path = export_checkpoint(ckpt, out, configs)
     print(f"wrote {path}")
     return path
