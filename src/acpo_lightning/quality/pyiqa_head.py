@@ -9,6 +9,10 @@ What the adapter changes compared with ``pyiqa.create_metric(name, as_loss=True)
   no device picked behind your back (the head is built on the CPU; move it with ``.to()``);
 - it stays in eval mode and frozen (MANIQA, for one, random-crops in train mode);
 - it saves and restores torch's global cuDNN / determinism flags around everything pyiqa runs;
+- while pyiqa builds the metric, and only then, every ``torch.load`` that pyiqa's own modules
+  make is forced to ``weights_only=True`` (pyiqa unpickles some weight files, which would run
+  code a crafted file carries); ``torch.load`` is the original function again afterwards, also
+  when pyiqa raises (see ``_weights_only_loads``);
 - when a weight file is neither cached nor downloadable it raises one :class:`PyiqaWeightsError`
   naming the metric, pyiqa's cache folder and ``TORCH_HOME``; with ``HF_HUB_OFFLINE=1`` it does
   not try the network at all;
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,24 +296,42 @@ def _with_finite_grad(images: Tensor) -> Tensor:
     return view
 
 
+#: Held while ``torch.load`` is wrapped, so that two threads building heads cannot leave the
+#: wrapper installed by restoring each other's saved function out of order.
+_LOAD_PATCH_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
-    """Make pyiqa's own ``torch.load(path, weights_only=False)`` calls safe while it builds a metric.
+    """Make pyiqa's own ``torch.load`` calls ``weights_only=True`` while it builds a metric.
 
-    pyiqa unpickles some weight files (BRISQUE's, several architectures'), which would run any code
-    a crafted ``pretrained_model_path`` carries; here every load it makes is ``weights_only``.
+    Why: pyiqa calls ``torch.load(path, weights_only=False)`` on some weight files (BRISQUE's
+    ``(sv_coef, sv)`` pair, several architectures' checkpoints); unpickling such a file runs any
+    code a crafted ``pretrained_model_path`` or cached download carries. ``weights_only=True``
+    refuses those files instead (``pickle.UnpicklingError``), and reads plain tensors as before.
+
+    Scope, as narrow as pyiqa allows (it calls ``torch.load`` through the ``torch`` module from a
+    dozen files, so there is no single pyiqa function to wrap): ``torch.load`` is replaced only
+    for the duration of :class:`PyiqaQualityHead`'s ``pyiqa.create_metric`` call (this context),
+    only calls made *from pyiqa's own modules* are changed (timm, transformers or any other
+    caller, in this thread or another, gets the real function unchanged), and the real function is
+    put back when the context exits, also when pyiqa raises.
     """
-    real_load = torch.load
+    with _LOAD_PATCH_LOCK:
+        real_load = torch.load
 
-    def load(*args, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
+        @functools.wraps(real_load)
+        def load(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller == "pyiqa" or caller.startswith("pyiqa."):
+                kwargs["weights_only"] = True
+            return real_load(*args, **kwargs)
 
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real_load
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real_load
 
 
 @contextlib.contextmanager
