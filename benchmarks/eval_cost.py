@@ -117,10 +117,10 @@ def main() -> None:
                 "eval_share_of_epoch": evaluation / (train + evaluation),
             }
         )
-    steps = cli.model.hparams.num_inference_steps
+    steps = cli.model.num_inference_steps
     print(
         f"tiny config: {args.train_size} images/epoch, {args.max_prompts} prompts, {steps} sampler steps, "
-        f"CFG {cli.model.hparams.guidance_scale}; passes {stats['evaluations']}, images {stats['images']}"
+        f"CFG {cli.model.guidance_scale}; passes {stats['evaluations']}, images {stats['images']}"
     )
     print(f"{'epoch':>5} {'train s':>8} {'eval s':>8} {'eval share':>10}")
     for row in rows:

@@ -160,7 +160,7 @@ def main() -> None:
         "rss_max_mib": max(r["rss_mib"] for r in records),
         "rss_slope_mib_per_1000_steps": slope_per_1000(steady, "rss_mib"),
         "objects_slope_per_1000_steps": slope_per_1000(steady, "python_objects"),
-        "skipped_steps": int(cli.model.skipped_steps),
+        "skipped_steps": int(cli.model.guard.skipped_steps),
         "checkpoints_kept": checkpoints,
         "exports": exports,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

@@ -171,17 +171,15 @@ def draft_k1_loss(module, batch: dict, steps: int) -> torch.Tensor:
 
     cond = module.encode_prompts(batch["prompts"])
     size = cond.shape[0]
-    noise = torch.randn(size, 4, module.latent_size, module.latent_size, device=module.device)
-    unet_fn = lambda x, t, c: module.unet_output(module.unet, x, t, c)  # noqa: E731
+    noise = torch.randn(size, *module.denoiser.latent_shape(), device=module.device)
+    unet_fn = module.denoiser.policy
     with torch.no_grad():
         latents, run = denoise(
             unet_fn, module.sample_scheduler, noise, cond, None, 1.0, steps, stop_after=steps - 1
         )
     last_t = run.timestep
     pred = unet_fn(latents, last_t, cond)
-    x0 = losses.predicted_original(
-        latents, pred, module.alphas_cumprod, last_t.expand(size), module.prediction_type
-    )
+    x0 = module.process.predicted_original(latents, pred, last_t.expand(size))
     scores = module.quality_head(module.decode(x0))
     return -losses.normalize_score(scores, True, (0.0, 1.0)).mean()
 
@@ -192,7 +190,7 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     module = build(args, spec)
     module.train()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-5)
-    image = args.latent * module.vae_scale_factor
+    image = args.latent * module.codec.scale_factor
     batch = {
         "pixel_values": torch.rand(
             args.batch, 3, image, image, generator=torch.Generator().manual_seed(1)

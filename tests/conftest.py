@@ -93,3 +93,10 @@ def run_acpo(
         timeout=timeout,
         preexec_fn=preexec_fn,
     )
+
+
+def rollout_terms(module, prompts, count, generator, host_generator=None):
+    """One rollout of ``module``'s rollout objective, as a training step would run it."""
+    return module.objectives.rollout.terms(
+        module.context(), prompts, count, generator, host_generator
+    )

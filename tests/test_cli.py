@@ -85,11 +85,11 @@ def test_tiny_overlays_fit_then_validate_test_predict(name: str, tmp_path, monke
     last = out / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)["state_dict"]
     dual_and_guard_state = {
-        "w_anchor_state",
-        "drift_ema",
-        "drift_ema_steps",
-        "skipped_steps",
-        "overflow_steps",
+        "anchor_weight.w_anchor_state",
+        "anchor_weight.drift_ema",
+        "anchor_weight.drift_ema_steps",
+        "guard.skipped_steps",
+        "guard.overflow_steps",
     }
     assert state and all("lora_" in k or k in dual_and_guard_state for k in state)
     assert dual_and_guard_state <= set(state)
@@ -169,7 +169,7 @@ def test_tiny_config_trains_in_rollout_modes(objective: str, tmp_path, monkeypat
     # zero-init LoRA: no drift at the first step; the policy has moved by the last rollout step
     assert scalars["train/loss_anchor_rollout"][-1] > 0.0
     module = cli.model
-    assert int(module.skipped_steps) == 0 and cli.trainer.global_step == 3
+    assert int(module.guard.skipped_steps) == 0 and cli.trainer.global_step == 3
     lora_b = [p for n, p in module.unet.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # zero at init: the weights moved
 
@@ -250,7 +250,7 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(lean, tmp_path, monke
     else:
         assert module.perceptual_decoder is None
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
-    assert int(module.skipped_steps) == 0  # both steps trained (a skipped step counts too)
+    assert int(module.guard.skipped_steps) == 0  # both steps trained (a skipped step counts too)
     lora = [p for n, p in module.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert module.unet.conv_in.weight.dtype == torch.bfloat16 and module.vae.dtype == torch.bfloat16

@@ -24,6 +24,7 @@ from acpo_lightning.data import (
     collate_prompt_images,
     open_image,
 )
+from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.models import vae_fingerprint
 from conftest import CONFIGS, make_module
 
@@ -89,8 +90,12 @@ def test_a_cached_step_equals_the_uncached_step_on_the_same_images(tokenizer_dir
         assert grad.abs().sum() > 0
         torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6)
     # a fresh sample each step, not the posterior mean
-    first = module.batch_latents(latent_batch, torch.Generator().manual_seed(1))
-    second = module.batch_latents(latent_batch, torch.Generator().manual_seed(2))
+    first = module.codec.batch_latents(
+        latent_batch, torch.Generator().manual_seed(1), module.device
+    )
+    second = module.codec.batch_latents(
+        latent_batch, torch.Generator().manual_seed(2), module.device
+    )
     assert (first - second).abs().max() > 1e-3
 
 
@@ -200,17 +205,19 @@ def test_another_vae_is_refused_at_fit_setup(tokenizer_dir, tmp_path):
 
     cached = CachedLatentsDataModule(str(out))
     module.vae = T.tiny_vae(seed=0)
-    module.check_latent_cache(cached)  # the VAE that encoded it: accepted
+    check_latent_cache(
+        cached, module.vae, module.codec.moments_shape
+    )  # the VAE that encoded it: accepted
     module.vae.register_to_config(scaling_factor=0.5)
     with pytest.raises(ValueError, match=r"scaling_factor 0\.18215 \(cache\) vs 0\.5 \(model\)"):
-        module.check_latent_cache(cached)
+        check_latent_cache(cached, module.vae, module.codec.moments_shape)
     small = make_module(tokenizer_dir)
     small.unet.register_to_config(sample_size=8)
     with pytest.raises(ValueError, match=r"shape \[8, 16, 16\], but this UNet needs \[8, 8, 8\]"):
-        small.check_latent_cache(cached)
+        check_latent_cache(cached, small.vae, small.codec.moments_shape)
     pixel = make_module(tokenizer_dir, latent=False)
     with pytest.raises(ValueError, match="has no vae"):
-        pixel.check_latent_cache(cached)
+        check_latent_cache(cached, pixel.vae, pixel.codec.moments_shape)
     cached.setup("fit")
     batch = collate_prompt_images([cached.train_dataset[i] for i in range(2)])
     with pytest.raises(ValueError, match="the batch holds cached VAE latents"):

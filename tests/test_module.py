@@ -44,8 +44,8 @@ def test_lora_at_init_matches_anchor_then_drifts(tokenizer_dir) -> None:
     x = torch.randn(2, 4, 16, 16)
     t, cond = torch.tensor([5, 600]), module.encode_prompts(["a red square", "a blue circle"])
     torch.testing.assert_close(
-        module.unet_output(module.unet, x, t, cond),
-        module.anchor_output(x, t, cond),
+        module.denoiser.policy(x, t, cond),
+        module.denoiser.anchor(x, t, cond),
         rtol=0,
         atol=0,
     )
@@ -54,7 +54,7 @@ def test_lora_at_init_matches_anchor_then_drifts(tokenizer_dir) -> None:
     optimizer.step()
     assert _step(module, batch, seed=1).anchor.item() > 0
     assert not torch.allclose(
-        module.unet_output(module.unet, x, t, cond), module.anchor_output(x, t, cond)
+        module.denoiser.policy(x, t, cond), module.denoiser.anchor(x, t, cond)
     )
 
 
@@ -74,16 +74,16 @@ def test_only_late_scored_samples_get_perceptual_gradient(tokenizer_dir) -> None
         tokenizer_dir, tau=300, t_min=100, perceptual_share=0.5, w_perc=1.0, lora_init=False
     )
     seen = {}
-    original = module.unet_output
+    original = module.denoiser.policy
 
-    def keep(unet, x, t, c):
-        out = original(unet, x, t, c)
+    def keep(x, t, c):
+        out = original(x, t, c)
         if out.requires_grad:
             out.retain_grad()
             seen.update(t=t, out=out)
         return out
 
-    module.unet_output = keep
+    module.denoiser.policy = keep
     terms = _step(module, shapes_batch(size=8))
     terms.perc.backward()
     late = seen["t"][:4]
@@ -94,7 +94,7 @@ def test_only_late_scored_samples_get_perceptual_gradient(tokenizer_dir) -> None
 
 def test_a_rollout_scored_above_tau_gets_no_perceptual_gradient(tokenizer_dir) -> None:
     """The gate matters in rollouts: the scored step is one of the last k_late, maybe above tau."""
-    from acpo_lightning.rollout import rollout_terms
+    from conftest import rollout_terms
 
     # 4 DDIM steps from 1000: timesteps 751, 501, 251, 1; k_late 2 scores 251 or 1
     module = make_module(
@@ -119,7 +119,7 @@ def test_only_the_perceptual_share_is_decoded(tokenizer_dir) -> None:
     module.vae.decoder.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     _step(module, shapes_batch(size=8))
     assert seen == [2]
-    module.hparams.w_perc = 0.0
+    module.objectives.w_perc = 0.0
     seen.clear()
     _step(module, shapes_batch(size=8))
     assert seen == []  # nothing decoded when the perceptual term is off
@@ -129,12 +129,12 @@ def test_constraint_mode_moves_weight_towards_budget(tokenizer_dir) -> None:
     module = make_module(
         tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0
     )
-    module._update_anchor_weight(torch.tensor(2.0))  # drift above budget
+    module.anchor_weight.update(torch.tensor(2.0))  # drift above budget
     assert module.w_anchor.item() == pytest.approx(2.5)
     module = make_module(
         tokenizer_dir, anchor_mode="constraint", anchor_delta=0.5, w_anchor=1.0, dual_lr=1.0
     )
-    module._update_anchor_weight(torch.tensor(0.0))  # drift below budget
+    module.anchor_weight.update(torch.tensor(0.0))  # drift below budget
     assert module.w_anchor.item() == pytest.approx(0.5)
 
 
@@ -144,7 +144,7 @@ def test_constraint_mode_in_fit_raises_weight_when_drifting(tokenizer_dir, tmp_p
     )
     _trainer(tmp_path).fit(module, ShapesDataModule(train_size=12, batch_size=4))
     assert module.w_anchor.item() > 1.0
-    assert module.drift_ema.item() > 0
+    assert module.anchor_weight.drift_ema.item() > 0
 
 
 class _ModeProbe(pl.Callback):
@@ -363,12 +363,12 @@ def test_a_perceptual_share_that_rounds_to_no_sample_warns_once(tokenizer_dir) -
 
 def test_generate_in_bf16_after_an_fp32_empty_prompt_cache(tokenizer_dir) -> None:
     """CUDA autocast leaves the cached empty-prompt embedding in fp32; bf16 weights must still run."""
-    from acpo_lightning.rollout import rollout_terms
+    from conftest import rollout_terms
 
     module = make_module(
         tokenizer_dir, num_inference_steps=2, guidance_scale=3.0, rollout_steps=2, k_late=1
     )
-    module._null_embedding = module.encode_prompts([""]).float()  # as cached under autocast
+    module.denoiser._null = module.encode_prompts([""]).float()  # as cached under autocast
     for part in (module.unet, module.vae, module.text_encoder):  # bf16 weights, fp32 head
         part.to(torch.bfloat16)
     images = module.generate(["a red square"], seed=0)
@@ -421,7 +421,9 @@ def test_constraint_mode_constrains_one_drift_whatever_the_rollout_ratio(
         _trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(
             module, ShapesDataModule(train_size=16, batch_size=4)
         )
-        torch.testing.assert_close(module.drift_ema, torch.tensor(0.01), rtol=1e-4, atol=0)
+        torch.testing.assert_close(
+            module.anchor_weight.drift_ema, torch.tensor(0.01), rtol=1e-4, atol=0
+        )
         weights[ratio] = module.w_anchor.item()
     # four dual steps of 10 * (0.01 - 0.004) from 1.0, whatever the share of rollout steps
     assert weights[0.0] == pytest.approx(1.24, rel=1e-3)
@@ -436,7 +438,7 @@ def test_dual_ascent_steps_once_per_optimizer_step(tokenizer_dir, tmp_path) -> N
     _trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=2).fit(
         module, ShapesDataModule(train_size=16, batch_size=4)
     )
-    assert int(module.drift_ema_steps) == 2  # 4 micro-batches, 2 optimizer steps
+    assert int(module.anchor_weight.drift_ema_steps) == 2  # 4 micro-batches, 2 optimizer steps
     assert module.w_anchor.item() == pytest.approx(1.0 + 2 * 10.0 * (0.01 - 0.004), rel=1e-3)
 
 
@@ -463,11 +465,13 @@ def test_default_sampler_gets_the_pipelines_fixes_for_old_scheduler_configs(toke
     # what StableDiffusionPipeline.__init__ does to such a config
     assert module.sample_scheduler.config.steps_offset == 1
     assert module.sample_scheduler.config.clip_sample is False
-    assert module.noise_scheduler.config.clip_sample is True  # the training schedule is as given
+    assert (
+        module.process.noise_scheduler.config.clip_sample is True
+    )  # the training schedule is as given
 
 
 def _alone(module: ACPOModule, prompt: str, index: int) -> torch.Tensor:
-    return module.generate([prompt], seed=module.hparams.seed + index)[0]
+    return module.generate([prompt], seed=module.seed + index)[0]
 
 
 def test_prediction_seeds_each_prompt_by_its_index_in_the_whole_set(

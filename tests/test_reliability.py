@@ -92,7 +92,9 @@ def test_a_killed_run_resumed_with_ckpt_path_last_ends_bitwise_equal(
     final = torch.load(checkpoints / "last.ckpt", weights_only=True)
     reference = torch.load(uninterrupted / "epoch=1-step=6.ckpt", weights_only=True)
     _assert_same_training_state(final, reference)
-    assert float(final["state_dict"]["w_anchor_state"]) != 1.0  # the dual variable moved
+    assert (
+        float(final["state_dict"]["anchor_weight.w_anchor_state"]) != 1.0
+    )  # the dual variable moved
     assert not list(checkpoints.glob(".*.tmp-*"))
 
 
@@ -195,9 +197,13 @@ def test_a_nan_quality_score_skips_the_step_and_training_goes_on(
         assert _same(state, snaps.optimizer[1][key])
     assert not _same(snaps.weights[3], snaps.weights[2])  # the next step trains again
     assert all(torch.isfinite(w).all() for w in snaps.weights[3].values())
-    assert torch.isfinite(module.w_anchor_state) and torch.isfinite(module.drift_ema)
-    assert int(module.drift_ema_steps) == 3  # the dual variable stepped with the weights only
-    assert int(module.skipped_steps) == 1
+    assert torch.isfinite(module.anchor_weight.w_anchor_state) and torch.isfinite(
+        module.anchor_weight.drift_ema
+    )
+    assert (
+        int(module.anchor_weight.drift_ema_steps) == 3
+    )  # the dual variable stepped with the weights only
+    assert int(module.guard.skipped_steps) == 1
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
     assert "step 2 skipped: non-finite train/loss_perc" in caplog.text
 
@@ -221,7 +227,7 @@ def test_consecutive_skips_stop_the_run_naming_the_term(tmp_path: Path) -> None:
         _fit(module, tmp_path, 8, [InjectNonFinite(steps=[0, 1, 2, 3])])
     after = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     assert _same(before, after)  # nothing non-finite ever reached the weights
-    assert int(module.skipped_steps) == 3
+    assert int(module.guard.skipped_steps) == 3
 
 
 def test_the_guard_can_be_turned_off(tmp_path: Path) -> None:
@@ -229,7 +235,7 @@ def test_the_guard_can_be_turned_off(tmp_path: Path) -> None:
     param = next(p for p in module.parameters() if p.requires_grad)
     param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
     _fit(module, tmp_path, 2, [])
-    assert int(module.skipped_steps) == 0
+    assert int(module.guard.skipped_steps) == 0
     assert not torch.isfinite(param).all()  # what the guard prevents
 
 
@@ -251,8 +257,8 @@ def test_fp16_overflow_is_skipped_and_backed_off_by_the_grad_scaler(tmp_path: Pa
     trainer = _fit(module, tmp_path, 4, [snaps], plugins=plugins)
     assert trainer.global_step == 4
     assert scaler.get_scale() <= 2.0**8  # backed off (once or more) from 2**40
-    overflows = int(module.overflow_steps)
-    assert 1 <= overflows < 4 and int(module.skipped_steps) == 0
+    overflows = int(module.guard.overflow_steps)
+    assert 1 <= overflows < 4 and int(module.guard.skipped_steps) == 0
     assert float(trainer.callback_metrics["train/overflow_steps"]) == overflows
     assert _same(snaps.weights[overflows - 1], before)  # the overflowing steps changed nothing
     assert not _same(snaps.weights[-1], before)  # then training went on
@@ -265,4 +271,4 @@ def test_fp16_non_finite_loss_is_still_the_guards(tmp_path: Path) -> None:
     scaler, plugins = _fp16_scaler(1.0)
     with pytest.raises(NonFiniteTrainingError, match="non-finite train/loss_perc"):
         _fit(module, tmp_path, 8, [InjectNonFinite(steps=[0, 1, 2, 3])], plugins=plugins)
-    assert int(module.skipped_steps) == 3 and scaler.get_scale() == 1.0
+    assert int(module.guard.skipped_steps) == 3 and scaler.get_scale() == 1.0

@@ -6,9 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from acpo_lightning.rollout import rollout_terms
 from acpo_lightning.sampling import denoise
-from conftest import make_module, shapes_batch
+from conftest import make_module, rollout_terms, shapes_batch
 
 
 def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
@@ -17,7 +16,7 @@ def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
     def fn(x, t, c):
-        return module.unet_output(module.unet, x, t, c)
+        return module.denoiser.policy(x, t, c)
 
     with torch.no_grad():
         latents, run = denoise(
@@ -33,7 +32,7 @@ def test_no_grad_prefix_reaches_the_chosen_step_exactly(tokenizer_dir) -> None:
 
 
 def _saved_tensor_count(module, steps: int) -> int:
-    module.hparams.rollout_steps = steps
+    module.objectives.rollout.steps = steps
     count = 0
 
     def pack(tensor):
@@ -69,13 +68,13 @@ def test_gradient_flows_only_through_the_last_step_into_lora(tokenizer_dir) -> N
 def test_draft_k_keeps_gradient_through_k_steps(tokenizer_dir) -> None:
     module = make_module(tokenizer_dir, objective="rollout", rollout_steps=6, k_late=2, draft_k=3)
     latents_grads = []
-    original = module.unet_output
+    original = module.denoiser._call
 
     def spy(unet, x, t, c):
         latents_grads.append(torch.is_grad_enabled() and (x.requires_grad or unet is module.unet))
         return original(unet, x, t, c)
 
-    module.unet_output = spy
+    module.denoiser._call = spy
     rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(0))
     # 6 steps, last scored step at index 4 or 5: 2-3 no-grad calls, then 3 policy calls with grad (+1 anchor)
     assert sum(latents_grads) == 3
@@ -98,7 +97,7 @@ def test_rollout_steps_are_logged_and_seeded(tokenizer_dir) -> None:
     )
     module.train()
     gen = module.host_generator("train", 5, 0)
-    assert module._is_rollout_step(gen)
+    assert module.objectives.is_rollout_step(gen)
     first = rollout_terms(module, ["a red square"], 1, module.step_generator("train", 5, 0))
     again = rollout_terms(module, ["a red square"], 1, module.step_generator("train", 5, 0))
     assert first.timestep == again.timestep and torch.equal(first.perc, again.perc)
@@ -162,7 +161,7 @@ def _rollout_lora_gradient(module, monkeypatch=None) -> torch.Tensor:
 
 def test_draft_k_gradient_equals_the_uncheckpointed_computation(tokenizer_dir, monkeypatch) -> None:
     """The K-1 checkpointed steps recompute with their own timestep, not the last one."""
-    from acpo_lightning import rollout
+    from acpo_lightning.objectives import rollout
 
     module = make_module(
         tokenizer_dir,
@@ -184,13 +183,13 @@ def test_draft_k_gradient_equals_the_uncheckpointed_computation(tokenizer_dir, m
 
 def _anchor_batch_sizes(module) -> list[int]:
     sizes = []
-    original = module.anchor_output
+    original = module.denoiser.anchor
 
     def spy(x, t, c):
         sizes.append(x.shape[0])
         return original(x, t, c)
 
-    module.anchor_output = spy
+    module.denoiser.anchor = spy
     rollout_terms(module, ["a red square", "a blue circle"], 2, torch.Generator().manual_seed(0))
     return sizes
 
@@ -215,14 +214,14 @@ def test_rollout_anchor_is_the_mean_drift_of_the_raw_branches(tokenizer_dir) -> 
         lora_init=False,
     )
     calls = []
-    policy = module.unet_output
+    policy = module.denoiser._call
 
     def record(unet, x, t, c):
         out = policy(unet, x, t, c)
         calls.append(out.detach())
         return out
 
-    module.unet_output = record
+    module.denoiser._call = record
     terms = rollout_terms(module, ["a red square"], 1, torch.Generator().manual_seed(0))
     raw_policy, raw_anchor = calls[-2:]  # the scored step: policy, then anchor (adapters off)
     assert raw_policy.shape[0] == 2  # [uncond; cond]

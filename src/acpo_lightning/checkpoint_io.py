@@ -14,6 +14,7 @@ import errno
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -184,3 +185,89 @@ def use_safe_checkpoint_io(trainer: Any) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = SafeCheckpointIO()
+
+
+#: checkpoint names of trained state from before it moved into the module's parts
+LEGACY_STATE_NAMES = {
+    "w_anchor_state": "anchor_weight.w_anchor_state",
+    "drift_ema": "anchor_weight.drift_ema",
+    "drift_ema_steps": "anchor_weight.drift_ema_steps",
+    "skipped_steps": "guard.skipped_steps",
+    "overflow_steps": "guard.overflow_steps",
+}
+
+
+def restore_trained_state(state: dict[str, Any], trained: set[str], optional: set[str]) -> None:
+    """Prepare a checkpoint's ``state_dict`` for a module that trains ``trained`` (in place).
+
+    Renames older checkpoints' state (:data:`LEGACY_STATE_NAMES`) and refuses one that lacks a
+    trained name outside ``optional`` (counters and dual state a checkpoint may predate).
+
+    Raises:
+        ValueError: trainable weights are missing (another LoRA rank, targets, or network).
+    """
+    for old, new in LEGACY_STATE_NAMES.items():
+        if old in state and new not in state:
+            state[new] = state.pop(old)
+    missing = sorted(trained - set(state) - optional)
+    if missing:
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} trainable weights of this module (e.g. "
+            f"{missing[:2]}); it was written with another LoRA rank/target_modules or another UNet."
+        )
+
+
+class TrainedStateCheckpoints:
+    """A ``LightningModule`` mixin: checkpoints hold only what trains, and load safely.
+
+    Frozen parts (VAE, text encoders, the base weights under LoRA, the quality head) are rebuilt
+    from the config; a checkpoint holds the trainable weights and the parts' trained state.
+    Mixed in before ``LightningModule``.
+    """
+
+    def trained_state_keys(self) -> set[str]:
+        """Names in ``state_dict`` that a checkpoint must hold: trainable weights and part state."""
+        # FSDP's auto-wrap adds `_fsdp_wrapped_module.` to parameter names, not to state-dict keys
+        from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+        trainable = {clean_tensor_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        return trainable | set(LEGACY_STATE_NAMES.values())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only what trains; frozen parts are rebuilt from the config on load."""
+        keep = self.trained_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Read older checkpoints' names; refuse one that lacks trainable weights."""
+        optional = set(LEGACY_STATE_NAMES.values())
+        restore_trained_state(checkpoint["state_dict"], self.trained_state_keys(), optional)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True``.
+
+        Our checkpoints hold no model parts: pass them (``unet=..., quality_head=..., ...``) as
+        keyword arguments. ``weights_only=False`` is refused: nothing from a file is unpickled.
+        """
+        if weights_only is False:
+            raise ValueError(
+                "load_from_checkpoint never unpickles Python objects (weights_only=False "
+                "was asked); drop the argument, our checkpoints hold tensors only."
+            )
+        with warnings.catch_warnings():
+            # Lightning lists every frozen weight (one line of ~20,000 characters at SD size);
+            # they are left out on purpose, and a missing trainable weight is refused by
+            # on_load_checkpoint before this warning. Keys the module lacks are still reported.
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+            )

@@ -28,6 +28,7 @@ import pickle
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -377,7 +378,12 @@ def build_cli(
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point of ``acpo`` and ``lightning``; ``args`` defaults to ``sys.argv[1:]``."""
-    build_cli(args)
+    with warnings.catch_warnings():
+        # ACPOModule keeps its frozen parts in eval mode on purpose (see ACPOModule.train), so
+        # Lightning's notice about them is noise in this command's output; library users who
+        # build their own Trainer still see it. Scoped to the command, restored on return.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        build_cli(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

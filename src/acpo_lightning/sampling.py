@@ -10,9 +10,14 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from acpo_lightning.denoisers import Denoiser
 
 UNetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -221,3 +226,58 @@ def denoise(
     while not run.done and (stop_after is None or run.index < stop_after):
         latents = run.advance(run.predict(unet_fn, latents, cond, uncond, guidance_scale), latents)
     return latents, run
+
+
+def sample_latents(
+    denoiser: Denoiser,
+    scheduler,  # type: ignore[no-untyped-def]
+    prompts: Sequence[str] | int,
+    seed: int | Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: torch.device | str,
+    use_anchor: bool = False,
+) -> Tensor:
+    """Sample with a denoiser from seeded noise, as the diffusers pipelines do (no grad).
+
+    Image ``i`` draws its noise (and a stochastic sampler's) from a generator seeded ``seed + i``
+    (or ``seed[i]``), so an image does not depend on the batch it was generated in.
+
+    Args:
+        denoiser: a :class:`~acpo_lightning.denoisers.Denoiser`.
+        scheduler: the sampler; it is copied, never mutated.
+        prompts: one prompt per image, or a number of images for unconditional denoisers.
+        seed: base seed, or one seed per image.
+        num_inference_steps: sampler steps.
+        guidance_scale: classifier-free guidance scale (1 disables).
+        device: where the noise is drawn.
+        use_anchor: sample with the anchor (the base model) instead of the policy.
+
+    Returns:
+        The final samples in the denoiser's input space.
+    """
+    count = prompts if isinstance(prompts, int) else len(prompts)
+    if count < 1:
+        raise ValueError("generate() needs at least one prompt (or a positive image count).")
+    if denoiser.is_conditional and isinstance(prompts, int):
+        raise ValueError("this model is text-conditional: pass a list of prompts, not a count.")
+    with torch.no_grad():
+        cond = uncond = None
+        if denoiser.is_conditional:
+            cond = denoiser.encode_prompts(list(prompts))
+            uncond = denoiser.null_condition(cond).expand_as(cond) if guidance_scale > 1 else None
+        generators = per_sample_generators(seed, count)
+        dtype = cond.dtype if cond is not None else torch.float32
+        noise = initial_noise((count, *denoiser.latent_shape()), generators, device, dtype)
+        with denoiser.sampling_anchor() if use_anchor else nullcontext():
+            latents, _ = denoise(
+                lambda x, t, c: denoiser.policy(x, t, c),
+                scheduler,
+                noise,
+                cond,
+                uncond,
+                guidance_scale,
+                num_inference_steps,
+                generator=generators,  # stochastic samplers: image i's noise from seed + i
+            )
+    return latents

@@ -1,0 +1,100 @@
+"""Between images and the denoiser's input space: VAE encoding, cached posteriors, decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from acpo_lightning.data.cache_checks import check_latent_moments_shape
+
+
+class LatentCodec:
+    """Encode images to scaled VAE latents and decode them back (pixels pass through unchanged).
+
+    Args:
+        vae: ``AutoencoderKL`` for latent models; ``None`` for pixel-space models.
+        perceptual_decoder: a cheaper frozen decoder for the perceptual path only (e.g. TAESD,
+            with its own ``scaling_factor``); ``generate`` keeps the full ``vae``.
+        latent_shape: ``(C, h, w)`` of the denoiser's input, to check cached moments against.
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module | None,
+        perceptual_decoder: nn.Module | None,
+        latent_shape: tuple[int, int, int],
+    ) -> None:
+        if perceptual_decoder is not None and vae is None:
+            raise ValueError(
+                "perceptual_decoder was given but the model has no vae (a pixel-space UNet): "
+                "there is nothing to decode; drop perceptual_decoder."
+            )
+        self.vae, self.perceptual_decoder, self.latent_shape = vae, perceptual_decoder, latent_shape
+
+    @property
+    def scale_factor(self) -> int:
+        """Image side over latent side (1 for pixel-space models)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def moments_shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.latent_shape
+        return 2 * channels, height, width
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, generator: torch.Generator) -> Tensor:
+        """Images in ``[-1, 1]`` to the denoiser's input space (scaled VAE latents, or the pixels)."""
+        if self.vae is None:
+            return pixel_values
+        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        return self._scaled(posterior.sample(generator=generator))
+
+    @torch.no_grad()
+    def sample_latents(
+        self, latent_moments: Tensor, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """Cached VAE posterior parameters ``[B, 2C, h, w]`` to the denoiser's input space.
+
+        Draws a fresh latent from each posterior with the same random draws, in the same dtype,
+        as :meth:`encode_images` does for the images the moments were encoded from.
+
+        Raises:
+            ValueError: the model has no VAE, or the moments are not ``[B, 2C, h, w]`` for this
+                denoiser's latents.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        check_latent_moments_shape(self.vae, self.moments_shape, latent_moments.shape[1:])
+        moments = latent_moments.to(device, self.vae.dtype)
+        return self._scaled(DiagonalGaussianDistribution(moments).sample(generator))
+
+    def batch_latents(
+        self, batch: dict, generator: torch.Generator, device: torch.device
+    ) -> Tensor:
+        """The x0 of a paired batch: from ``latent_moments`` if cached, else ``pixel_values``."""
+        if "latent_moments" in batch:
+            return self.sample_latents(batch["latent_moments"], generator, device)
+        return self.encode_images(batch["pixel_values"].to(device), generator)
+
+    def _scaled(self, latents: Tensor) -> Tensor:
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: Tensor, perceptual: bool = False) -> Tensor:
+        """Input-space samples to images in ``[0, 1]`` (differentiable).
+
+        ``perceptual`` decodes with the ``perceptual_decoder`` when one is set.
+        """
+        decoder = self.perceptual_decoder if perceptual and self.perceptual_decoder else self.vae
+        if decoder is not None:
+            shift = decoder.config.get("shift_factor") or 0.0
+            latents = latents / decoder.config.scaling_factor + shift
+            latents = decoder.decode(latents.to(decoder.dtype)).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def enable_gradient_checkpointing(self) -> None:
+        for part in (self.vae, self.perceptual_decoder):
+            if part is not None and hasattr(part, "enable_gradient_checkpointing"):
+                part.enable_gradient_checkpointing()

@@ -1,0 +1,38 @@
+"""Per-step randomness as a function of (seed, stage, step, batch, rank): resumes replay it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_STAGE_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def step_seed(seed: int, stage: str, step: int, batch_idx: int, rank: int) -> int:
+    """A 63-bit seed mixed from its words by ``numpy.random.SeedSequence``.
+
+    Example:
+        >>> step_seed(0, "train", 5, 0, 0) == step_seed(0, "train", 5, 0, 0)
+        True
+        >>> step_seed(0, "train", 5, 0, 0) == step_seed(0, "train", 5, 0, 1)
+        False
+    """
+    words = [seed, _STAGE_IDS[stage], step, batch_idx, rank]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def host_seed(seed: int, stage: str, step: int, batch_idx: int) -> int:
+    """The seed of host-side choices: rank-free, so every process makes the same choice."""
+    return step_seed(seed, stage, step, batch_idx, 0) ^ 0x5EED
+
+
+def sampler_indices(
+    batch_idx: int, batch_size: int, count: int, world: int, rank: int
+) -> list[int]:
+    """Dataset indices of a batch under Lightning's (distributed) sampler without shuffling:
+    item ``i`` of batch ``b`` on rank ``r`` of ``W`` is ``(b * batch_size + i) * W + r``.
+
+    Example:
+        >>> sampler_indices(1, 2, 2, world=2, rank=1)
+        [5, 7]
+    """
+    return [(batch_idx * batch_size + i) * world + rank for i in range(count)]
