@@ -79,7 +79,7 @@ def test_a_checkpoint_with_the_older_flat_state_names_restores_the_parts(tokeniz
 
 def test_the_parts_import_nothing_from_the_module() -> None:
     graph = package_graph()
-    parts = [m for m in graph if (m.split(".") + [""])[1] in {
+    parts = [m for m in graph if [*m.split("."), ""][1] in {
         "objectives", "processes", "denoisers", "anchor_weight", "guard", "codec", "scoring",
         "seeding", "assembly",
     }]  # fmt: skip

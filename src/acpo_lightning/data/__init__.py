@@ -12,6 +12,7 @@ from it; ``ShapesDataModule`` generates coloured shapes and needs no files.
 from acpo_lightning.data.collate import IndexedDataset, collate_prompt_images, tokenize_prompts
 from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
+from acpo_lightning.data.hf_sources import read_hf
 from acpo_lightning.data.images import BadSampleError, SampleProblem, load_image, open_image, to_rgb
 from acpo_lightning.data.latent_cache import (
     CachedLatentsDataModule,
@@ -21,7 +22,6 @@ from acpo_lightning.data.latent_cache import (
 )
 from acpo_lightning.data.sources import (
     RecordTable,
-    read_hf,
     read_imagefolder,
     read_manifest,
     read_prompts,

@@ -12,10 +12,10 @@ from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
+from acpo_lightning.data.hf_sources import read_hf
 from acpo_lightning.data.images import BadSampleError, SampleProblem
 from acpo_lightning.data.sources import (
     RecordTable,
-    read_hf,
     read_imagefolder,
     read_manifest,
     read_prompts,
