@@ -11,7 +11,7 @@ from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.denoisers import Denoiser, UNetDenoiser
 from acpo_lightning.guard import NonFiniteGuard
 from acpo_lightning.objectives import DataObjective, ObjectiveMix, RolloutObjective
-from acpo_lightning.processes import DiffusionProcess, VPProcess
+from acpo_lightning.processes import DiffusionProcess, FlowProcess, VPProcess, is_flow_scheduler
 
 #: the flat keyword arguments each injectable part is built from
 PART_KNOBS = {
@@ -51,9 +51,7 @@ def assemble(knobs: dict[str, Any], defaults: dict[str, Any]) -> Parts:
         raise ValueError("quality_head is required: a frozen NR-IQA head (quality.QualityHead).")
     process = k["process"]
     if process is None:
-        if k["noise_scheduler"] is None:
-            raise ValueError("pass noise_scheduler (the training scheduler) or a process.")
-        process = VPProcess(k["noise_scheduler"], tau=k["tau"], t_min=k["t_min"])
+        process = _default_process(k, defaults)
     sampler = k["sample_scheduler"] or process.default_sampler()
     objectives = k["objectives"] or ObjectiveMix(
         k["objective"], k["w_diff"], k["w_perc"], k["rollout_ratio"],
@@ -78,6 +76,7 @@ def assemble(knobs: dict[str, Any], defaults: dict[str, Any]) -> Parts:
     )
     if anchor_weight.active:
         denoiser.check_anchor()
+    _check_process_fits(process, sampler, denoiser)
     guard = k["guard"] or NonFiniteGuard(k["skip_nonfinite"], k["max_consecutive_skips"])
     return Parts(process, sampler, denoiser, objectives, anchor_weight, guard)
 
@@ -93,3 +92,43 @@ def _refuse_knobs_beside_parts(knobs: dict[str, Any], defaults: dict[str, Any]) 
                 f"{part} was injected, so it owns {', '.join(clashing)}; set them on the {part} "
                 f"(its init_args) and drop them from the module's arguments."
             )
+
+
+def _default_process(knobs: dict[str, Any], defaults: dict[str, Any]) -> DiffusionProcess:
+    """VP from a DDPM-type ``noise_scheduler`` (``tau``, ``t_min``), flow from a flow one."""
+    scheduler = knobs["noise_scheduler"]
+    if scheduler is None:
+        raise ValueError("pass noise_scheduler (the training scheduler) or a process.")
+    if not is_flow_scheduler(scheduler):
+        return VPProcess(scheduler, tau=knobs["tau"], t_min=knobs["t_min"])
+    changed = [n for n in ("tau", "t_min") if knobs[n] != defaults[n]]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} gate VP timesteps, but noise_scheduler "
+            f"{type(scheduler).__name__} is a flow: the gate is a sigma bound there. Inject "
+            "process: {class_path: acpo_lightning.processes.FlowProcess, init_args: "
+            "{sigma_max: 0.4}} and drop tau/t_min."
+        )
+    return FlowProcess(scheduler)
+
+
+def _check_process_fits(
+    process: DiffusionProcess, sampler: SchedulerMixin, denoiser: Denoiser
+) -> None:
+    """The process, the sampler and the denoiser must belong to one model family."""
+    name = type(denoiser.trained).__name__
+    if process.kind != denoiser.process_kind:
+        fix = {"flow": "FlowMatchEulerDiscreteScheduler (or process: FlowProcess)",
+               "vp": "DDPMScheduler (or process: VPProcess)"}[denoiser.process_kind]  # fmt: skip
+        raise ValueError(
+            f"the denoiser's {name} was trained as a {denoiser.process_kind} model, but the "
+            f"process is {type(process).__name__} ({process.kind}), from noise_scheduler "
+            f"{type(getattr(process, 'noise_scheduler', None)).__name__}; use {fix} from the same "
+            "model folder."
+        )
+    if is_flow_scheduler(sampler) != (process.kind == "flow"):
+        raise ValueError(
+            f"sample_scheduler {type(sampler).__name__} does not sample a {process.kind} model "
+            f"({type(process).__name__}); drop sample_scheduler to use the process's default, or "
+            f"pass a {'FlowMatchEulerDiscreteScheduler' if process.kind == 'flow' else 'DDIMScheduler'}."
+        )

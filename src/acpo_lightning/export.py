@@ -21,13 +21,30 @@ import torch
 import yaml
 
 from acpo_lightning.checkpoint_io import SafeCheckpointIO
-from acpo_lightning.models.lora import add_lora, write_lora_file
+from acpo_lightning.models.lora import add_lora, to_file_layout, write_lora_file
 
 if TYPE_CHECKING:
     from argparse import ArgumentParser
 
 _LORA_KEY = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)\.")
 CONFIG_NAME = "config.yaml"
+
+
+def trained_network_name(state_dict: dict[str, torch.Tensor]) -> str:
+    """The network that holds the LoRA weights: ``unet`` or ``transformer`` (the first key part).
+
+    Raises:
+        ValueError: no LoRA weights, or LoRA weights in several networks.
+    """
+    names = {k.split(".", 1)[0] for k in state_dict if ".lora_" in k}
+    if not names:
+        raise ValueError(
+            f"the checkpoint holds no LoRA weights (keys e.g. {sorted(state_dict)[:3]}); it comes "
+            "from full fine-tuning, and has no adapter to export."
+        )
+    if len(names) != 1:
+        raise ValueError(f"expected LoRA weights in one network, found them in {sorted(names)}.")
+    return names.pop()
 
 
 def lora_weights_from_checkpoint(
@@ -40,8 +57,6 @@ def lora_weights_from_checkpoint(
     Raises:
         ValueError: no LoRA weights under ``module.``, or several adapters.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     prefix = f"{module}."
     lora = {
         k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and ".lora_" in k
@@ -56,8 +71,7 @@ def lora_weights_from_checkpoint(
         raise ValueError(f"expected one LoRA adapter in the checkpoint, found {sorted(adapters)}.")
     adapter = adapters.pop()
     peft_state = {k.replace(f".{adapter}.", "."): v for k, v in lora.items()}
-    converted = convert_state_dict_to_diffusers(peft_state)
-    return {f"unet.{k}": v.detach().contiguous().cpu() for k, v in converted.items()}
+    return to_file_layout(peft_state, module)
 
 
 def find_training_config(ckpt_path: Path) -> Path | None:
@@ -68,29 +82,38 @@ def find_training_config(ckpt_path: Path) -> Path | None:
     return None
 
 
-def lora_settings(configs: Sequence[Path]) -> dict[str, Any]:
+def lora_settings(configs: Sequence[Path], network: str = "unet") -> dict[str, Any]:
     """``add_lora``'s arguments from the training config(s), later files overriding earlier ones.
 
+    The adapted network is ``model.<network>``, or ``model.denoiser.init_args.<network>`` when the
+    config injects a denoiser (SDXL, SD3, FLUX).
+
     Raises:
-        ValueError: ``model.unet`` is not ``acpo_lightning.models.add_lora``.
+        ValueError: that network is not ``acpo_lightning.models.add_lora``.
     """
     merged: dict[str, Any] = {}
     for path in configs:
         merged = _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
     model = merged.get("model") or {}
     model = model.get("init_args", model) if "class_path" in model else model
-    unet = model.get("unet") or {}
+    where = f"model.{network}"
+    unet = model.get(network) or {}
+    denoiser = model.get("denoiser") or {}
+    if not unet and isinstance(denoiser, dict):
+        where = f"model.denoiser.init_args.{network}"
+        unet = (denoiser.get("init_args") or {}).get(network) or {}
     if not str(unet.get("class_path", "")).endswith("add_lora"):
         raise ValueError(
-            f"model.unet in {[str(p) for p in configs]} is {unet.get('class_path')!r}, not "
-            "acpo_lightning.models.add_lora; only a LoRA-adapted UNet can be exported."
+            f"{where} in {[str(p) for p in configs]} is {unet.get('class_path')!r}, not "
+            "acpo_lightning.models.add_lora; only a LoRA-adapted network can be exported."
         )
     defaults = {
         name: p.default
         for name, p in inspect.signature(add_lora).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    return {**defaults, **{k: v for k, v in (unet.get("init_args") or {}).items() if k != "unet"}}
+    args = unet.get("init_args") or {}
+    return {**defaults, **{k: v for k, v in args.items() if k not in ("unet", network)}}
 
 
 def export_checkpoint(
@@ -133,10 +156,12 @@ def export_checkpoint(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"config file(s) {missing} do not exist.")
-    weights = lora_weights_from_checkpoint(checkpoint["state_dict"])
-    settings = lora_settings(paths)
+    network = trained_network_name(checkpoint["state_dict"])
+    weights = lora_weights_from_checkpoint(checkpoint["state_dict"], network)
+    settings = lora_settings(paths, network)
     rank = int(settings["rank"])
-    ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith("lora.down.weight")}
+    downs = ("lora.down.weight", "lora_A.weight")
+    ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith(downs)}
     if ranks != {rank}:
         raise ValueError(
             f"the checkpoint's LoRA rank is {sorted(ranks)} but the config {[str(p) for p in paths]} says "
@@ -149,7 +174,7 @@ def export_checkpoint(
         lora_dropout=float(settings.get("dropout") or 0.0),
         init_lora_weights=settings.get("init_lora_weights", True),
     )
-    return write_lora_file(weights, out, config)
+    return write_lora_file(weights, out, config, network)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -435,11 +435,12 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
-        return save_lora(self.unet, directory)
+        name = self.denoiser.trained_name
+        return save_lora(self.denoiser.trained, directory, name)
 
     def load_lora(self, path: str | Path) -> None:
-        """Load an adapter written by :meth:`save_lora` into the policy UNet."""
-        load_lora(self.unet, path)
+        """Load an adapter written by :meth:`save_lora` into the policy network."""
+        load_lora(self.denoiser.trained, path, self.denoiser.trained_name)
 
 
 _DEFAULTS = {

@@ -1,8 +1,9 @@
 """The denoising loop shared by ``ACPOModule.generate`` (and the rollout objective).
 
-It follows diffusers' ``StableDiffusionPipeline`` step for step (latent scaling, classifier-free
-guidance as ``uncond + g * (cond - uncond)``, ``scheduler.step``), so that a LoRA exported from ACPO
-and loaded into that pipeline reproduces ``generate`` for the same seeds.
+It follows the diffusers pipelines step for step (``StableDiffusionPipeline``, and through the
+denoiser's conditioning and sampler arguments the SDXL, SD3 and FLUX ones: latent scaling,
+classifier-free guidance as ``uncond + g * (cond - uncond)``, ``scheduler.step``), so that a LoRA
+exported from ACPO and loaded into that pipeline reproduces ``generate`` for the same seeds.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from acpo_lightning import conditioning as C
+from acpo_lightning.conditioning import Conditioning
+
 if TYPE_CHECKING:
     from acpo_lightning.denoisers import Denoiser
 
-UNetFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+UNetFn = Callable[[Tensor, Tensor, Conditioning | None], Tensor]
 
 
 def per_sample_generators(
@@ -54,7 +58,7 @@ def fresh_scheduler(scheduler):  # type: ignore[no-untyped-def]
     return copy.deepcopy(scheduler)
 
 
-def uses_guidance(uncond: Tensor | None, guidance_scale: float) -> bool:
+def uses_guidance(uncond: Conditioning | None, guidance_scale: float) -> bool:
     """Whether classifier-free guidance applies: an unconditional embedding and ``g > 1``."""
     return uncond is not None and guidance_scale > 1.0
 
@@ -70,7 +74,7 @@ def branch_outputs(
     """The raw model outputs: ``[uncond; cond]`` stacked (``[2B, ...]``) under CFG, else ``[B, ...]``."""
     if not uses_guidance(uncond, guidance_scale):
         return unet_fn(latents, timestep, cond)
-    return unet_fn(torch.cat([latents, latents]), timestep, torch.cat([uncond, cond]))
+    return unet_fn(torch.cat([latents, latents]), timestep, C.cat(uncond, cond))
 
 
 def combine_branches(outputs: Tensor, guided: bool, guidance_scale: float) -> Tensor:
@@ -102,6 +106,7 @@ class SamplerRun:
         num_inference_steps: number of sampler steps.
         device: where the timesteps live.
         generator: randomness of stochastic samplers (DDPM, ancestral); DDIM with eta 0 ignores it.
+        timestep_kwargs: more arguments of ``set_timesteps`` (FLUX's ``sigmas`` and ``mu``).
 
     Example:
         >>> from diffusers import DDIMScheduler
@@ -116,11 +121,12 @@ class SamplerRun:
         num_inference_steps: int,
         device,  # type: ignore[no-untyped-def]
         generator: torch.Generator | list[torch.Generator] | None = None,
+        timestep_kwargs: dict | None = None,
     ) -> None:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.scheduler = fresh_scheduler(scheduler)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **(timestep_kwargs or {}))
         self.timesteps = self.scheduler.timesteps
         # host copies for the scheduler's own table lookups: indexing its CPU tables with a device
         # tensor would cost a device sync at every step (one sync here instead)
@@ -147,8 +153,9 @@ class SamplerRun:
         return self.index >= len(self.timesteps)
 
     def start(self, noise: Tensor) -> Tensor:
-        """Scale initial noise by the scheduler's ``init_noise_sigma``."""
-        return noise * self.scheduler.init_noise_sigma
+        """Scale initial noise by the scheduler's ``init_noise_sigma`` (flow samplers have none)."""
+        sigma = getattr(self.scheduler, "init_noise_sigma", None)
+        return noise if sigma is None else noise * sigma
 
     def predict(
         self,
@@ -178,7 +185,9 @@ class SamplerRun:
     ) -> Tensor:
         """The raw outputs of :func:`branch_outputs` at step ``index``, before guidance."""
         index = self.index if index is None else index
-        model_input = self.scheduler.scale_model_input(latents, self.host_timesteps[index])
+        model_input = latents
+        if hasattr(self.scheduler, "scale_model_input"):  # flow samplers do not scale the input
+            model_input = self.scheduler.scale_model_input(latents, self.host_timesteps[index])
         return branch_outputs(
             unet_fn, model_input, self.timesteps[index], cond, uncond, guidance_scale
         )
@@ -202,6 +211,7 @@ def denoise(
     num_inference_steps: int,
     generator: torch.Generator | list[torch.Generator] | None = None,
     stop_after: int | None = None,
+    timestep_kwargs: dict | None = None,
 ) -> tuple[Tensor, SamplerRun]:
     """Run the sampler from pure noise; optionally stop early.
 
@@ -209,19 +219,20 @@ def denoise(
         unet_fn: ``(x, t, cond) -> model output`` (policy or anchor).
         scheduler: a diffusers scheduler; it is copied, never mutated.
         latents: initial noise (unscaled; multiplied by ``init_noise_sigma`` here).
-        cond: text embeddings ``[B, L, D]`` or ``None`` for unconditional models.
-        uncond: empty-prompt embeddings for classifier-free guidance, or ``None``.
+        cond: the denoiser's conditioning, or ``None`` for unconditional models.
+        uncond: the empty prompt's conditioning for classifier-free guidance, or ``None``.
         guidance_scale: CFG scale ``g``; guidance is skipped for ``g <= 1``.
         num_inference_steps: number of sampler steps.
         generator: randomness of stochastic samplers: one generator, or one per image (as the
             diffusers pipelines pass them).
         stop_after: if given, return after this many steps, before the next one is taken.
+        timestep_kwargs: more arguments of the scheduler's ``set_timesteps``.
 
     Returns:
         ``(latents, run)``: the latents reached, and the :class:`SamplerRun` (its ``timestep`` is the
         one the sampler would use next, so the caller can continue it).
     """
-    run = SamplerRun(scheduler, num_inference_steps, latents.device, generator)
+    run = SamplerRun(scheduler, num_inference_steps, latents.device, generator, timestep_kwargs)
     latents = run.start(latents)
     while not run.done and (stop_after is None or run.index < stop_after):
         latents = run.advance(run.predict(unet_fn, latents, cond, uncond, guidance_scale), latents)
@@ -264,10 +275,9 @@ def sample_latents(
     with torch.no_grad():
         cond = uncond = None
         if denoiser.is_conditional:
-            cond = denoiser.encode_prompts(list(prompts))
-            uncond = denoiser.null_condition(cond).expand_as(cond) if guidance_scale > 1 else None
+            cond, uncond = denoiser.guidance_conditions(list(prompts), guidance_scale)
         generators = per_sample_generators(seed, count)
-        dtype = cond.dtype if cond is not None else torch.float32
+        dtype = C.first(cond).dtype if cond is not None else torch.float32
         noise = initial_noise((count, *denoiser.latent_shape()), generators, device, dtype)
         with denoiser.sampling_anchor() if use_anchor else nullcontext():
             latents, _ = denoise(
@@ -279,5 +289,6 @@ def sample_latents(
                 guidance_scale,
                 num_inference_steps,
                 generator=generators,  # stochastic samplers: image i's noise from seed + i
+                timestep_kwargs=denoiser.sampler_kwargs(scheduler, num_inference_steps),
             )
     return latents

@@ -9,18 +9,34 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
+from acpo_lightning import conditioning as C
+from acpo_lightning.conditioning import Conditioning
+
 
 class Denoiser(ABC):
     """The networks that predict the process's target, with their conditioning.
 
     A denoiser holds references to networks; the module registers them (:meth:`networks`) under
     their names, so parameter names, checkpoints and LoRA exports do not depend on this class.
-    Conditioning is whatever the network takes besides sample and time (text states for SD-1.x;
-    the next backbones add pooled embeddings and micro-conditioning); ``None`` when unconditional.
+    Conditioning is whatever the network takes besides sample and time, a tensor or a dict of
+    tensors with the batch first (:mod:`acpo_lightning.conditioning`): text states for SD-1.x,
+    plus pooled embeddings and micro-conditioning for SDXL, SD3 and FLUX; ``None`` when
+    unconditional.
     """
 
     #: whether the networks take a prompt
     is_conditional: bool
+    #: the diffusion process the networks were trained with: ``vp`` (SD-1.x and SDXL UNets,
+    #: DDPM/DDIM) or ``flow`` (SD3 and FLUX transformers, flow matching)
+    process_kind: str = "vp"
+    #: attribute name of the trained network (``unet`` or ``transformer``): the prefix of its
+    #: LoRA keys in the files diffusers' ``load_lora_weights`` reads
+    trained_name: str = "unet"
+
+    @property
+    def trained(self) -> nn.Module:
+        """The trained network (the one LoRA adapters are added to and exported from)."""
+        return self.networks()[self.trained_name]
 
     @abstractmethod
     def networks(self) -> dict[str, nn.Module | None]:
@@ -39,19 +55,20 @@ class Denoiser(ABC):
         """``(channels, height, width)`` of one sample in the network's input space."""
 
     @abstractmethod
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning for ``prompts`` (frozen, no grad)."""
 
     @abstractmethod
-    def null_condition(self, like: Tensor | None = None) -> Tensor:
-        """Conditioning of the empty prompt (CFG's unconditional branch), in ``like``'s dtype."""
+    def null_condition(self, like: Conditioning | None = None) -> Conditioning:
+        """One-sample conditioning of the empty prompt (CFG's unconditional branch), in the
+        dtype of ``like``'s text states."""
 
     @abstractmethod
-    def policy(self, sample: Tensor, times: Tensor, cond: Tensor | None) -> Tensor:
+    def policy(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
         """The trained network's output (with gradient when enabled)."""
 
     @abstractmethod
-    def anchor(self, sample: Tensor, times: Tensor, cond: Tensor | None) -> Tensor:
+    def anchor(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
         """The frozen anchor's output, without gradient."""
 
     @abstractmethod
@@ -78,22 +95,74 @@ class Denoiser(ABC):
         size: int,
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> Tensor | None:
-        """Conditioning for a batch of ``size``; each prompt is dropped with probability ``dropout``.
+        batch: dict | None = None,
+    ) -> Conditioning | None:
+        """Conditioning for a training batch of ``size``; each prompt is dropped (replaced by the
+        empty prompt's) with probability ``dropout``.
+
+        A batch that carries ``prompt_embeds`` (written by ``acpo cache-latents``) is used as it is:
+        the text encoders do not run. ``batch`` also gives per-sample micro-conditioning to the
+        denoisers that take it (SDXL's original sizes and crop offsets).
 
         Raises:
-            ValueError: a conditional denoiser without one prompt per sample.
+            ValueError: a conditional denoiser without one prompt (or cached embedding) per sample.
         """
         if not self.is_conditional:
             return None
-        if prompts is None or len(prompts) != size:
-            count = 0 if prompts is None else len(prompts)
-            raise ValueError(
-                f"the denoiser is text-conditional but the batch has {count} prompts for {size} "
-                "images; the DataModule must yield a 'prompts' list per batch."
-            )
-        cond = self.encode_prompts(prompts)
+        cached = (batch or {}).get("prompt_embeds")
+        if cached is not None:
+            cond = self.check_cached(cached, size)
+        else:
+            if prompts is None or len(prompts) != size:
+                count = 0 if prompts is None else len(prompts)
+                raise ValueError(
+                    f"the denoiser is text-conditional but the batch has {count} prompts for "
+                    f"{size} images; the DataModule must yield a 'prompts' list per batch."
+                )
+            cond = self.encode_prompts(prompts)
+        cond = self.add_batch_conditioning(cond, batch or {}, size)
         if dropout > 0:
-            drop = torch.rand(size, generator=generator, device=cond.device) < dropout
-            cond = torch.where(drop.view(-1, 1, 1), self.null_condition(cond), cond)
+            device = C.first(cond).device
+            drop = torch.rand(size, generator=generator, device=device) < dropout
+            cond = C.where(drop, self.null_condition(cond), cond)
         return cond
+
+    def check_cached(self, cached: Conditioning, size: int) -> Conditioning:
+        """Cached prompt embeddings, checked against what :meth:`encode_prompts` returns.
+
+        Raises:
+            ValueError: the cache was written for another text encoder (other names or shapes).
+        """
+        probe = self.null_condition()
+        expected, found = C.describe(probe), C.describe(cached)
+        if expected != found:
+            raise ValueError(
+                f"the batch's cached prompt_embeds {found} do not fit this denoiser's "
+                f"conditioning {expected}: the cache was written with other text encoders. "
+                "Re-run `acpo cache-latents` with this model's config."
+            )
+        if C.batch_size(cached) != size:
+            raise ValueError(
+                f"the batch has {C.batch_size(cached)} cached prompt embeddings for {size} images."
+            )
+        return C.to(cached, C.first(probe).device, C.first(probe).dtype)
+
+    def add_batch_conditioning(self, cond: Conditioning, batch: dict, size: int) -> Conditioning:
+        """Add per-sample conditioning taken from the batch (none by default)."""
+        return cond
+
+    def guidance_conditions(
+        self, prompts: Sequence[str], guidance_scale: float
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """``(cond, uncond)`` for sampling: ``uncond`` is the empty prompt's, expanded, when
+        classifier-free guidance applies (``g > 1``), else ``None``. Guidance-distilled models
+        (FLUX.1-dev) put ``g`` into ``cond`` and return no ``uncond``."""
+        cond = self.encode_prompts(list(prompts))
+        if guidance_scale <= 1.0:
+            return cond, None
+        return cond, C.expand(self.null_condition(cond), C.batch_size(cond))
+
+    def sampler_kwargs(self, scheduler: object, num_inference_steps: int) -> dict:
+        """Extra arguments of the sampler's ``set_timesteps`` that the backbone's pipeline passes
+        (FLUX: its sigmas and resolution shift ``mu``); none by default."""
+        return {}

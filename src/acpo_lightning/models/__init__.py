@@ -6,12 +6,14 @@ from acpo_lightning.models.loading import (
     load_scheduler,
     load_text_encoder,
     load_tokenizer,
+    load_transformer,
     load_unet,
     load_vae,
     resolve_dtype,
 )
 from acpo_lightning.models.lora import (
     ATTENTION_PROJECTIONS,
+    JOINT_ATTENTION_PROJECTIONS,
     LORA_WEIGHT_NAME,
     adapters_disabled,
     add_lora,
@@ -23,6 +25,7 @@ from acpo_lightning.models.lora import (
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
+    "JOINT_ATTENTION_PROJECTIONS",
     "LORA_WEIGHT_NAME",
     "ModelNotFoundError",
     "adapters_disabled",
@@ -33,6 +36,7 @@ __all__ = [
     "load_scheduler",
     "load_text_encoder",
     "load_tokenizer",
+    "load_transformer",
     "load_unet",
     "load_vae",
     "lora_state_dict",

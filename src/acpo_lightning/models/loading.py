@@ -200,6 +200,29 @@ def load_unet(
     )
 
 
+def load_transformer(
+    pretrained_model_name_or_path: str,
+    subfolder: str | None = "transformer",
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: str | None = None,
+    local_files_only: bool | None = None,
+    model_class: str | None = None,
+) -> nn.Module:
+    """Load a diffusion transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...).
+
+    Like :func:`load_unet` (the class from the config's ``_class_name``), from the ``transformer``
+    folder of a pipeline.
+
+    Raises:
+        ModelNotFoundError: weights or config missing.
+    """
+    return load_unet(
+        pretrained_model_name_or_path, subfolder, revision, variant, torch_dtype,
+        local_files_only, model_class,
+    )  # fmt: skip
+
+
 def load_vae(
     pretrained_model_name_or_path: str,
     subfolder: str | None = "vae",
@@ -246,12 +269,19 @@ def load_text_encoder(
     variant: str | None = None,
     torch_dtype: str | None = None,
     local_files_only: bool | None = None,
+    model_class: str | None = None,
 ) -> nn.Module:
-    """Load a transformers text encoder (CLIP, BERT/MiniLM, T5 encoder) with ``AutoModel``.
+    """Load a transformers text encoder (CLIP, BERT/MiniLM, T5 encoder).
+
+    The class is ``model_class``, else the config's ``architectures`` entry (SDXL's second encoder
+    is ``CLIPTextModelWithProjection``, SD3's and FLUX's T5 ``T5EncoderModel``), else
+    ``CLIPTextModel`` for CLIP configs and ``AutoModel`` otherwise.
 
     Raises:
         ModelNotFoundError: weights or config missing.
+        ValueError: ``model_class`` is not a transformers class.
     """
+    import transformers
     from transformers import AutoConfig, AutoModel, CLIPTextModel
 
     kwargs = dict(revision=revision, local_files_only=local_files_only)
@@ -268,6 +298,15 @@ def load_text_encoder(
         if config.model_type in {"clip", "clip_text_model"}
         else AutoModel.from_pretrained
     )
+    named = model_class or next(iter(getattr(config, "architectures", None) or []), None)
+    if named is not None and named != "CLIPModel":
+        cls = getattr(transformers, named, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise ValueError(
+                f"model_class {named!r} is not a transformers model class; e.g. CLIPTextModel, "
+                "CLIPTextModelWithProjection or T5EncoderModel."
+            )
+        loader = cls.from_pretrained
     return load_pretrained(
         loader,
         "text encoder",

@@ -27,6 +27,11 @@ with quiet_imports():  # peft imports bitsandbytes: see quiet_imports
 
 #: Attention projections of diffusers' UNets (self- and cross-attention), the usual SD LoRA targets.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+#: Attention projections of the joint-attention transformers (SD3, FLUX): the image stream's and
+#: the text stream's (``add_*_proj``, ``to_add_out``), as diffusers' SD3 and FLUX LoRA scripts target.
+JOINT_ATTENTION_PROJECTIONS = (
+    *ATTENTION_PROJECTIONS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)  # fmt: skip
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: Safetensors metadata key under which diffusers stores the adapter's ``LoraConfig``.
 LORA_METADATA_KEY = "lora_adapter_metadata"
@@ -122,17 +127,31 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             param.requires_grad_(requires_grad)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights of ``model`` in diffusers' file layout (``unet.<module>.lora_A.weight`` ...)."""
+def to_file_layout(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """peft LoRA keys (adapter name removed) in the layout of diffusers' ``save_lora_weights``.
+
+    UNets (``prefix`` ``unet``) are converted to diffusers' own key names, as its SD and SDXL
+    training scripts save them; transformers (``transformer``: SD3, FLUX) keep peft's names, as
+    its SD3 and FLUX training scripts save them. Either way the keys carry the ``prefix``.
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    state = get_peft_model_state_dict(model)
-    state = convert_state_dict_to_diffusers(state)
-    return {f"unet.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+    if prefix == "unet":
+        state = convert_state_dict_to_diffusers(state)
+    return {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_lora(model: nn.Module, directory: str | Path) -> Path:
+def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
+    """LoRA weights of ``model`` in diffusers' file layout (``unet.<module>.lora.down.weight``,
+    ``transformer.<module>.lora_A.weight`` ...); ``prefix`` names the pipeline component."""
+    return to_file_layout(get_peft_model_state_dict(model), prefix)
+
+
+def save_lora(model: nn.Module, directory: str | Path, prefix: str = "unet") -> Path:
     """Write ``pytorch_lora_weights.safetensors`` that diffusers' ``load_lora_weights`` reads.
+
+    ``prefix`` is the pipeline component the adapter belongs to: ``unet`` (SD-1.x, SDXL) or
+    ``transformer`` (SD3, FLUX).
 
     Returns:
         Path of the written file.
@@ -146,13 +165,16 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
         )
     configs = getattr(model, "peft_config", None) or {}
     config = next(iter(configs.values())) if len(configs) == 1 else None
-    return write_lora_file(lora_state_dict(model), directory, config)
+    return write_lora_file(lora_state_dict(model, prefix), directory, config, prefix)
 
 
 def write_lora_file(
-    state: dict[str, torch.Tensor], directory: str | Path, config: LoraConfig | None = None
+    state: dict[str, torch.Tensor],
+    directory: str | Path,
+    config: LoraConfig | None = None,
+    prefix: str = "unet",
 ) -> Path:
-    """Write ``state`` (diffusers layout, ``unet.``-prefixed) as ``directory/pytorch_lora_weights.safetensors``.
+    """Write ``state`` (diffusers layout, ``prefix``-ed) as ``directory/pytorch_lora_weights.safetensors``.
 
     With ``config``, the adapter's ``LoraConfig`` goes into the file's metadata as diffusers'
     ``save_lora_weights`` writes it, so that ``load_lora_weights`` uses its ``lora_alpha`` (without
@@ -165,7 +187,8 @@ def write_lora_file(
     metadata = {"format": "pt"}
     if config is not None:
         packed = {
-            f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()
+            f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v
+            for k, v in config.to_dict().items()
         }
         metadata[LORA_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True, default=str)
     directory = Path(directory)
@@ -183,12 +206,13 @@ def write_lora_file(
     return path
 
 
-def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
+def load_lora(model: nn.Module, path: str | Path, prefix: str = "unet") -> nn.Module:
     """Load LoRA weights written by :func:`save_lora` (or diffusers) into ``model``'s adapter.
 
     Args:
         model: a model that already has an adapter of matching shape (see :func:`add_lora`).
         path: the ``.safetensors`` file or the directory holding ``pytorch_lora_weights.safetensors``.
+        prefix: the pipeline component the file's keys start with (``unet`` or ``transformer``).
 
     Raises:
         FileNotFoundError: no weight file at ``path``.
@@ -214,7 +238,7 @@ def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
             f"only (never unpickled). Export with save_lora / `acpo export`, or convert the file "
             "in an environment you trust."
         ) from error
-    state = {k.removeprefix("unet."): v for k, v in raw.items()}
+    state = {k.removeprefix(f"{prefix}."): v for k, v in raw.items()}
     state = convert_unet_state_dict_to_peft(state)
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", []) or []

@@ -45,7 +45,7 @@ class DataObjective:
         size = x0.shape[0]
         prompts = batch.get("prompts")
         dropout = self.prompt_dropout if ctx.training else 0.0
-        cond = ctx.denoiser.conditioning(prompts, size, dropout, generator)
+        cond = ctx.denoiser.conditioning(prompts, size, dropout, generator, batch)
         times, n_perc = ctx.process.sample_times(size, self.perceptual_share, generator)
         if n_perc == 0 and self.perceptual_share > 0 and w_perc > 0 and score:
             self._warn_share_rounds_to_zero(size)

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from acpo_lightning import losses
+from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.objectives.base import ObjectiveContext
 from acpo_lightning.processes.base import DiffusionProcess
 from acpo_lightning.sampling import combine_branches, denoise, uses_guidance
@@ -91,8 +92,7 @@ class RolloutObjective:
         denoiser = ctx.denoiser
         cond = uncond = None
         if denoiser.is_conditional:
-            cond = denoiser.encode_prompts(prompts)
-            uncond = denoiser.null_condition(cond).expand_as(cond) if guidance > 1.0 else None
+            cond, uncond = denoiser.guidance_conditions(prompts, guidance)
         shape = (count, *denoiser.latent_shape())
         # in the policy's own dtype, as generate() does (fp32 weights under mixed precision)
         noise = torch.randn(shape, generator=generator, device=ctx.device, dtype=denoiser.dtype)
@@ -102,7 +102,7 @@ class RolloutObjective:
         last = self.steps - 1 - offset  # index of the final step, the one scored
         first_grad = last - (self.draft_k - 1)
 
-        def policy(x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+        def policy(x: Tensor, t: Tensor, c: Conditioning | None) -> Tensor:
             return denoiser.policy(x, t, c)
 
         with torch.no_grad():
@@ -116,6 +116,7 @@ class RolloutObjective:
                 self.steps,
                 generator=generator,
                 stop_after=first_grad,
+                timestep_kwargs=denoiser.sampler_kwargs(ctx.sampler, self.steps),
             )
         for _ in range(self.draft_k - 1):
             # the step index is bound now: the backward pass recomputes this call after `advance`

@@ -22,6 +22,9 @@ class DiffusionProcess(nn.Module, ABC):
     no trainable state and nothing of it goes into checkpoints.
     """
 
+    #: the family of models this process trains (``vp`` or ``flow``; see ``Denoiser.process_kind``)
+    kind: str
+
     #: the sampler ``generate`` and rollouts use when none is given
     @abstractmethod
     def default_sampler(self) -> SchedulerMixin: ...

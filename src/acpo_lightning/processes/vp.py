@@ -8,6 +8,7 @@ from torch import Tensor
 
 from acpo_lightning import losses
 from acpo_lightning.processes.base import DiffusionProcess
+from acpo_lightning.processes.flow import is_flow_scheduler
 
 
 class VPProcess(DiffusionProcess):
@@ -26,8 +27,16 @@ class VPProcess(DiffusionProcess):
         [True, True, False]
     """
 
+    kind = "vp"
+
     def __init__(self, noise_scheduler: SchedulerMixin, tau: int = 400, t_min: int = 0) -> None:
         super().__init__()
+        if is_flow_scheduler(noise_scheduler) or not hasattr(noise_scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"VPProcess needs a variance-preserving training scheduler (DDPMScheduler, with "
+                f"alphas_cumprod), got {type(noise_scheduler).__name__}: for a flow-matching model "
+                "(SD3, FLUX) use process: acpo_lightning.processes.FlowProcess."
+            )
         self.noise_scheduler = noise_scheduler
         self.prediction_type = losses.check_prediction_type(noise_scheduler.config.prediction_type)
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
@@ -50,6 +59,12 @@ class VPProcess(DiffusionProcess):
         return DDIMScheduler.from_config(config, steps_offset=1, clip_sample=False)
 
     def check_sampler(self, scheduler: SchedulerMixin) -> None:
+        if is_flow_scheduler(scheduler):
+            raise ValueError(
+                f"the rollout recovers x0 in variance-preserving form, but {type(scheduler).__name__} "
+                "samples a flow; use DDIMScheduler, DPMSolverMultistepScheduler or DDPMScheduler "
+                "as sample_scheduler."
+            )
         if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(
                 f"the rollout recovers x0 in variance-preserving form, but {type(scheduler).__name__} "
