@@ -19,6 +19,7 @@ from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.assembly import PART_KNOBS, assemble
 from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
 from acpo_lightning.codec import LatentCodec
+from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
@@ -245,7 +246,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         """A CPU generator for host-side choices, the same on every process (no device sync)."""
         return torch.Generator().manual_seed(seeding.host_seed(self.seed, stage, step, batch_idx))
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """The denoiser's conditioning for ``prompts`` (frozen, no grad)."""
         return self.denoiser.encode_prompts(prompts)
 
