@@ -29,6 +29,8 @@ class LatentCodec:
                 "perceptual_decoder was given but the model has no vae (a pixel-space UNet): "
                 "there is nothing to decode; drop perceptual_decoder."
             )
+        for role, decoder in (("vae", vae), ("perceptual_decoder", perceptual_decoder)):
+            _check_latent_channels(role, decoder, latent_shape)
         self.vae, self.perceptual_decoder, self.latent_shape = vae, perceptual_decoder, latent_shape
 
     @property
@@ -98,3 +100,20 @@ class LatentCodec:
         for part in (self.vae, self.perceptual_decoder):
             if part is not None and hasattr(part, "enable_gradient_checkpointing"):
                 part.enable_gradient_checkpointing()
+
+
+def _check_latent_channels(
+    role: str, decoder: nn.Module | None, latent_shape: tuple[int, int, int]
+) -> None:
+    """A decoder must read the denoiser's samples: its latent channels are their channels.
+
+    Raises:
+        ValueError: naming both channel counts and the fix.
+    """
+    channels = None if decoder is None else decoder.config.get("latent_channels")
+    if channels is not None and channels != latent_shape[0]:
+        raise ValueError(
+            f"the {role} {type(decoder).__name__} has latent_channels={channels}, but the "
+            f"denoiser's network takes in_channels={latent_shape[0]} (samples {latent_shape}); "
+            f"load the {role} from the same model folder as the denoiser's network."
+        )
