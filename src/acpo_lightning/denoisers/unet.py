@@ -44,6 +44,9 @@ class UNetDenoiser(Denoiser):
         self.max_prompt_length, self.channels_last = max_prompt_length, channels_last
         self.is_conditional = unet.config.get("cross_attention_dim") is not None
         name = type(unet).__name__
+        if unet.config.get("addition_embed_type") == "text_time":
+            raise ValueError(f"{name} has addition_embed_type='text_time' (an SDXL UNet): inject "
+                             "denoiser: acpo_lightning.denoisers.sdxl.SDXLDenoiser instead of unet.")  # fmt: skip
         if self.is_conditional and (text_encoder is None or tokenizer is None):
             raise ValueError(
                 f"{name} is text-conditional (cross_attention_dim="
