@@ -6,7 +6,10 @@ parameters, see :mod:`acpo_lightning.data.latent_cache`) when they carry cached 
 ``input_ids`` (``LongTensor [B, L]``) and ``attention_mask`` when a tokenizer is given, padded
 and truncated to the text encoder's maximum length ``L``; ``indices`` (``LongTensor [B]``, each
 item's position in its dataset) when the items carry an ``index`` (:class:`IndexedDataset`: the
-prediction loaders, whose images are seeded by it).
+prediction loaders, whose images are seeded by it); ``original_sizes`` (``(h, w)`` before
+resizing) and ``crop_top_lefts`` (``(top, left)``), ``LongTensor [B, 2]``, when the items carry
+``original_size`` and ``crop_top_left`` (SDXL's micro-conditioning, see
+:meth:`~acpo_lightning.data.transforms.ImageTransform.apply`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRando
 
 #: Per-item tensors that are stacked into the batch when the items carry them.
 TENSOR_KEYS = ("pixel_values", "latent_moments")
+#: Per-item image geometry and the batch key it is stacked under (``[B, 2]``).
+GEOMETRY_KEYS = {"original_size": "original_sizes", "crop_top_left": "crop_top_lefts"}
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)) as model_max_length.
 _UNSET_LIMIT = 1_000_000
 
@@ -105,6 +110,9 @@ def collate_prompt_images(
     for key in TENSOR_KEYS:
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    for key, batch_key in GEOMETRY_KEYS.items():
+        if key in items[0]:
+            batch[batch_key] = torch.stack([torch.as_tensor(item[key]) for item in items])
     if tokenizer is not None:
         batch.update(tokenize_prompts(tokenizer, batch["prompts"], max_length))
     return batch

@@ -22,6 +22,10 @@ from acpo_lightning.data.transforms import ImageTransform
 class PromptImageDataset(Dataset):
     """Rows ``indices`` of ``table`` as items ``{"prompt", "pixel_values"}`` (or ``{"prompt"}``).
 
+    Items with pixels also carry ``original_size`` (``(h, w)`` before resizing) and
+    ``crop_top_left`` (``(top, left)``), long ``[2]``: SDXL's micro-conditioning
+    (:meth:`ImageTransform.apply`).
+
     Images are decoded and transformed when an item is read. A row that turns out to be bad at
     that point (e.g. a file changed after the scan) raises :class:`BadSampleError` naming the
     row and file, whatever ``on_bad_sample`` says: skipping is decided once, by
@@ -61,11 +65,16 @@ class PromptImageDataset(Dataset):
             return {"prompt": prompt}
         image = load_image(ref, self.table.origin, row)
         try:
-            pixel_values = self.transform(image)
+            out = self.transform.apply(image)
         except ValueError as error:
             problem = SampleProblem(row, describe_ref(ref), str(error))
             raise BadSampleError.for_problems(self.table.origin, [problem]) from None
-        return {"prompt": prompt, "pixel_values": pixel_values}
+        return {
+            "prompt": prompt,
+            "pixel_values": out.pixel_values,
+            "original_size": torch.tensor(out.original_size, dtype=torch.long),
+            "crop_top_left": torch.tensor(out.crop_top_left, dtype=torch.long),
+        }
 
 
 def check_row(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +16,18 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+class TransformedImage(NamedTuple):
+    """An image as the model trains on it, with where it came from (SDXL's micro-conditioning)."""
+
+    #: ``[3, resolution, resolution]`` float tensor
+    pixel_values: Tensor
+    #: ``(height, width)`` of the image before resizing
+    original_size: tuple[int, int]
+    #: ``(top, left)`` of the crop in the resized image, after the flip (as diffusers'
+    #: ``train_text_to_image_lora_sdxl.py`` flips, then crops)
+    crop_top_left: tuple[int, int]
 
 
 class ImageTransform:
@@ -96,16 +108,36 @@ class ImageTransform:
         Raises:
             ValueError: the image is smaller than the crop (see :meth:`problem`).
         """
+        return self.apply(image).pixel_values
+
+    def apply(self, image: Image.Image) -> TransformedImage:
+        """As calling the transform, also returning the original size and the crop's top-left.
+
+        The random draws are the same as the call's, so both give the same pixels.
+
+        Raises:
+            ValueError: the image is smaller than the crop (see :meth:`problem`).
+
+        Example:
+            >>> out = ImageTransform(resolution=16, center_crop=True).apply(Image.new("RGB", (40, 20), "white"))
+            >>> out.original_size, out.crop_top_left
+            ((20, 40), (0, 8))
+        """
         reason = self.problem(image)
         if reason is not None:
             raise ValueError(reason)
+        original_size = (image.height, image.width)
         if self.resize:
             image = self._resize(image)
-        image = self._crop(image)
+        left, top = self._crop_origin(image)
+        free_x = image.width - self.resolution
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.augment and self.random_flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = free_x - left  # the same window, counted in the flipped image
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-        return pixels * 2.0 - 1.0 if self.normalize == "minus_one_one" else pixels
+        pixels = pixels * 2.0 - 1.0 if self.normalize == "minus_one_one" else pixels
+        return TransformedImage(pixels, original_size, (top, left))
 
     def crop_slack(self, image: Image.Image) -> tuple[int, int]:
         """How many pixels the crop window can move horizontally and vertically in ``image``.
@@ -130,12 +162,12 @@ class ImageTransform:
             return image
         return image.resize(size, _RESAMPLE[self.interpolation], reducing_gap=None)
 
-    def _crop(self, image: Image.Image) -> Image.Image:
+    def _crop_origin(self, image: Image.Image) -> tuple[int, int]:
+        """``(left, top)`` of the crop window (drawn at random when augmenting)."""
         width, height = image.size
         free_x, free_y = width - self.resolution, height - self.resolution
         if self.augment and not self.center_crop:
             left = int(torch.randint(0, free_x + 1, ()))
             top = int(torch.randint(0, free_y + 1, ()))
-        else:
-            left, top = free_x // 2, free_y // 2
-        return image.crop((left, top, left + self.resolution, top + self.resolution))
+            return left, top
+        return free_x // 2, free_y // 2
