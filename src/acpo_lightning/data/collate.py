@@ -9,7 +9,9 @@ item's position in its dataset) when the items carry an ``index`` (:class:`Index
 prediction loaders, whose images are seeded by it); ``original_sizes`` (``(h, w)`` before
 resizing) and ``crop_top_lefts`` (``(top, left)``), ``LongTensor [B, 2]``, when the items carry
 ``original_size`` and ``crop_top_left`` (SDXL's micro-conditioning, see
-:meth:`~acpo_lightning.data.transforms.ImageTransform.apply`).
+:meth:`~acpo_lightning.data.transforms.ImageTransform.apply`); ``prompt_embeds`` (the denoiser's
+conditioning, a tensor or a dict of tensors, batch first) when the items carry cached prompt
+embeddings (``acpo cache-latents --prompt-embeds``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import Dataset, RandomSampler, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
@@ -110,6 +112,8 @@ def collate_prompt_images(
     for key in TENSOR_KEYS:
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    if "prompt_embeds" in items[0]:  # a tensor or a dict of tensors per item
+        batch["prompt_embeds"] = default_collate([item["prompt_embeds"] for item in items])
     for key, batch_key in GEOMETRY_KEYS.items():
         if key in items[0]:
             batch[batch_key] = torch.stack([torch.as_tensor(item[key]) for item in items])
