@@ -190,7 +190,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        """Check a latent cache against this VAE, and the quality head on a probe batch.
+        """Check a latent cache against this VAE (and, when it holds prompt embeddings, against
+        the text encoders, installing its empty-prompt conditioning), and the quality head on a
+        probe batch.
 
         Also makes the Trainer write checkpoints atomically and load them with
         ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`).
@@ -198,7 +200,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         if self._trainer is not None:
             use_safe_checkpoint_io(self.trainer)
             datamodule = getattr(self.trainer, "datamodule", None)
-            check_latent_cache(datamodule, self.vae, self.codec.moments_shape)
+            check_latent_cache(datamodule, self.vae, self.codec.moments_shape, self.denoiser)
         check_quality_head(self.quality_head, self.image_size, self.device)
         if self.gradient_checkpointing:
             self.enable_gradient_checkpointing()

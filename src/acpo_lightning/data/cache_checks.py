@@ -1,13 +1,25 @@
-"""Whether a latent cache fits the model it is about to train: its VAE and its latent shape."""
+"""Whether a latent cache fits the model it is about to train: its VAE, its latent shape and,
+for a cache with prompt embeddings, its text encoders."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from acpo_lightning.models.fingerprint import fingerprint_differences, vae_fingerprint
+
+if TYPE_CHECKING:
+    from acpo_lightning.denoisers import Denoiser
+
+#: Values per weight tensor that enter a text encoder's digest (see :func:`text_encoder_fingerprint`).
+DIGEST_VALUES = 4096
+#: Config entries that say where or how an encoder was loaded, not what it computes.
+_VOLATILE_CONFIG = ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path")
 
 
 def check_latent_moments_shape(
@@ -45,17 +57,21 @@ def check_latent_moments_shape(
 
 
 def check_latent_cache(
-    datamodule: Any, vae: nn.Module | None, expected: tuple[int, int, int]
+    datamodule: Any,
+    vae: nn.Module | None,
+    expected: tuple[int, int, int],
+    denoiser: Denoiser | None = None,
 ) -> None:
     """Refuse a latent cache (``CachedLatentsDataModule``) encoded by another VAE.
 
     Compares the cache's ``latent_cache_fingerprint`` with :func:`models.vae_fingerprint` of
-    ``vae``, and the cached moments' shape with ``expected`` (``(2C, h, w)``). Any other
-    DataModule passes.
+    ``vae``, and the cached moments' shape with ``expected`` (``(2C, h, w)``). With ``denoiser``,
+    a cache that holds prompt embeddings is checked by :func:`check_prompt_cache`, which installs
+    its empty-prompt conditioning in ``denoiser``. Any other DataModule passes.
 
     Raises:
-        ValueError: no VAE, another VAE (the differing values named), or a moments shape
-            the model cannot use.
+        ValueError: no VAE, another VAE (the differing values named), a moments shape the
+            model cannot use, or prompt embeddings of other text encoders.
     """
     cached = getattr(datamodule, "latent_cache_fingerprint", None)
     if cached is None:
@@ -71,3 +87,122 @@ def check_latent_cache(
             "you train with (the same model.vae), or set model.vae to the VAE that encoded "
             "the cache."
         )
+    if denoiser is not None:
+        check_prompt_cache(datamodule, denoiser)
+
+
+def text_encoders(denoiser: Denoiser) -> dict[str, nn.Module]:
+    """The denoiser's text encoders: its networks named ``text_encoder``, ``text_encoder_2``, ..."""
+    networks = denoiser.networks().items()
+    return {name: net for name, net in networks if name.startswith("text_encoder") and net}
+
+
+def text_encoder_fingerprint(denoiser: Denoiser) -> dict[str, Any]:
+    """What identifies the prompt embeddings a denoiser makes, without running its encoders.
+
+    Per text encoder: its class, a SHA-256 of its config (without the entries that only say how
+    it was loaded) and a digest of its weights: every tensor's name and shape and its first
+    :data:`DIGEST_VALUES` values rounded to bfloat16, so the same weights in float32 or bfloat16
+    agree, a fine-tuned encoder (whose every matrix moves) differs, and the cost does not grow
+    with the encoder (T5-XXL included). ``dtype`` is reported, not compared.
+
+    Args:
+        denoiser: a text-conditional denoiser.
+
+    Returns:
+        A JSON-serializable dict: ``denoiser`` (the class name) and ``text_encoders``
+        (``{name: {class, config_digest, weights_digest, dtype}}``).
+
+    Example:
+        >>> from acpo_lightning import testing as T
+        >>> from acpo_lightning.denoisers import UNetDenoiser
+        >>> denoiser = UNetDenoiser(T.tiny_unet(), T.tiny_text_encoder(), T.tiny_tokenizer())
+        >>> sorted(text_encoder_fingerprint(denoiser)["text_encoders"]["text_encoder"])
+        ['class', 'config_digest', 'dtype', 'weights_digest']
+    """
+    encoders = {}
+    for name, encoder in text_encoders(denoiser).items():
+        encoders[name] = {
+            "class": type(encoder).__name__,
+            "config_digest": _config_digest(encoder),
+            "weights_digest": _weights_digest(encoder),
+            "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
+        }
+    return {"denoiser": type(denoiser).__name__, "text_encoders": encoders}
+
+
+def _config_digest(encoder: nn.Module) -> str:
+    config = getattr(encoder, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    kept = {
+        key: value
+        for key, value in values.items()
+        if not key.startswith("_") and key not in _VOLATILE_CONFIG
+    }
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _weights_digest(encoder: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        if not tensor.is_floating_point():
+            continue  # index buffers (position ids) say nothing about the weights
+        head = tensor.detach().reshape(-1)[:DIGEST_VALUES].to("cpu", torch.bfloat16)
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(head.contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def prompt_fingerprint_differences(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Where two :func:`text_encoder_fingerprint` results differ, in words (empty: they agree)."""
+    differences = []
+    if cached.get("denoiser") != current.get("denoiser"):
+        differences.append(
+            f"denoiser {cached.get('denoiser')} (cache) vs {current.get('denoiser')} (model)"
+        )
+    cached_encoders, encoders = cached.get("text_encoders", {}), current.get("text_encoders", {})
+    for name in sorted(set(cached_encoders) | set(encoders)):
+        left, right = cached_encoders.get(name), encoders.get(name)
+        if left is None or right is None:
+            where = "the model" if right is None else "the cache"
+            differences.append(f"{name} is missing from {where}")
+            continue
+        for key in ("class", "config_digest", "weights_digest"):
+            if left.get(key) != right.get(key):
+                a, b = (str(v)[:12] for v in (left.get(key), right.get(key)))
+                differences.append(f"{name} {key} {a} (cache) vs {b} (model)")
+    return differences
+
+
+def check_prompt_cache(datamodule: Any, denoiser: Denoiser) -> None:
+    """Refuse prompt embeddings made by other text encoders; else install the cached empty prompt.
+
+    A DataModule without ``prompt_cache_fingerprint`` (or with ``None``: a cache without prompt
+    embeddings) passes untouched. Otherwise the cache's fingerprint must equal
+    :func:`text_encoder_fingerprint` of ``denoiser``; then the cache's empty-prompt conditioning
+    becomes ``denoiser``'s (:meth:`Denoiser.set_null_condition`), so that neither the batches
+    nor prompt dropout run a text encoder.
+
+    Raises:
+        ValueError: the cache's text encoders (or denoiser) differ from the model's, naming
+            what differs and the fix.
+    """
+    cached = getattr(datamodule, "prompt_cache_fingerprint", None)
+    if cached is None:
+        return
+    where = f"the latent cache {getattr(datamodule, 'path', '')}".rstrip()
+    if not getattr(denoiser, "is_conditional", False):
+        raise ValueError(
+            f"{where} holds prompt embeddings, but this model takes no prompt. Fix: train it on "
+            "a cache made without --prompt-embeds, or configure a text-conditional model."
+        )
+    differences = prompt_fingerprint_differences(cached, text_encoder_fingerprint(denoiser))
+    if differences:
+        raise ValueError(
+            f"{where} holds prompt embeddings made by other text encoders than this model's: "
+            f"{'; '.join(differences)}. Fix: re-run `acpo cache-latents --prompt-embeds` with "
+            "the config(s) you train with (the same text encoders), or use a cache made "
+            "without --prompt-embeds (the text encoders then run each step)."
+        )
+    denoiser.set_null_condition(datamodule.null_condition())

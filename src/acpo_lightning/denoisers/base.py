@@ -61,7 +61,32 @@ class Denoiser(ABC):
     @abstractmethod
     def null_condition(self, like: Conditioning | None = None) -> Conditioning:
         """One-sample conditioning of the empty prompt (CFG's unconditional branch), in the
-        dtype of ``like``'s text states."""
+        dtype of ``like``'s text states. Implementations return :meth:`preset_null_condition`
+        when it is not ``None``, and encode the empty prompt only otherwise."""
+
+    #: the empty prompt's conditioning given to :meth:`set_null_condition`, else ``None``
+    _preset_null: Conditioning | None = None
+
+    def set_null_condition(self, cond: Conditioning | None) -> None:
+        """Use ``cond`` (one sample) as the empty prompt's conditioning, so that prompt dropout
+        runs no text encoder; ``None`` encodes the empty prompt again.
+
+        A latent cache with prompt embeddings (``acpo cache-latents --prompt-embeds``) installs
+        the empty prompt's conditioning it stored, at ``fit`` set-up.
+        """
+        self._preset_null = cond
+
+    def preset_null_condition(self, like: Conditioning | None = None) -> Conditioning | None:
+        """The conditioning given to :meth:`set_null_condition` on the trained network's device
+        (floating tensors in the dtype of ``like``'s text states when given), or ``None``."""
+        if self._preset_null is None:
+            return None
+        device = next(self.trained.parameters()).device
+        if C.first(self._preset_null).device != device:
+            self._preset_null = C.to(self._preset_null, device)
+        if like is None:
+            return self._preset_null
+        return C.to(self._preset_null, device, C.first(like).dtype)
 
     @abstractmethod
     def policy(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:

@@ -108,6 +108,9 @@ class UNetDenoiser(Denoiser):
         runs in fp32), which need not be the conditioning's dtype later (bf16 weights outside
         autocast): ``like`` gives the dtype to return.
         """
+        preset = self.preset_null_condition(like)
+        if preset is not None:  # a prompt cache's: no text-encoder run
+            return preset
         device = next(self.text_encoder.parameters()).device
         if self._null is None or self._null.device != device:
             self._null = self.encode_prompts([""])
