@@ -226,3 +226,24 @@ def test_tiny_flux_config_fits_validates_and_exports_for_the_pipeline(
         assert torch.equal(loaded[adapter.sub(r".\1.", name.removeprefix("transformer."))], value)
     tuned = _pipe_images(pipe, steps=2)
     assert math.isfinite(tuned.sum().item()) and not torch.equal(tuned, base)
+
+
+@pytest.mark.parametrize("overlay", [[], ["tiny_flux.yaml"]], ids=["flux.yaml", "+tiny_flux.yaml"])
+def test_flux_configs_parse(overlay, capsys) -> None:
+    import yaml
+
+    from acpo_lightning.cli import main
+
+    files = ["flux.yaml", *overlay]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *[a for f in files for a in ("--config", str(CONFIGS / f))], "--print_config"])
+    assert exit_info.value.code in (0, None)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    denoiser = model["denoiser"]
+    assert denoiser["class_path"] == "acpo_lightning.denoisers.flux.FluxDenoiser"
+    assert denoiser["init_args"]["transformer"]["class_path"] == "acpo_lightning.models.add_lora"
+    process = model["process"]["init_args"]
+    # the resolution shift agrees with the sampled resolution: (side / 16)^2 packed tokens
+    side = denoiser["init_args"]["resolution"] // denoiser["init_args"]["vae_scale_factor"]
+    assert process["image_seq_len"] == (side // 2) ** 2
+    assert model["guidance_scale"] == 3.5 and denoiser["init_args"]["guidance_scale"] == 3.5
