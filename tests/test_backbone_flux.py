@@ -209,6 +209,7 @@ def test_tiny_flux_config_fits_validates_and_exports_for_the_pipeline(
     state = torch.load(last, weights_only=True)["state_dict"]
     lora = {k: v for k, v in state.items() if "lora_" in k}
     assert lora and all(k.startswith("transformer.") for k in lora)
+    assert all(k in lora or k.startswith(("anchor_weight.", "guard.")) for k in state)  # no frozen
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained
     main(["validate", *configs, "--ckpt_path", str(last), "--trainer.logger", "false"])
     main(["export", "--ckpt", str(last), "--out", str(tmp_path / "lora")])
