@@ -104,6 +104,9 @@ def test_empty_prompt_is_zeros_or_the_encoded_empty_string(tokenizer_dir) -> Non
     expected = encoded.encode_prompts([""])
     assert all(torch.equal(encoded.null_condition()[k], expected[k]) for k in expected)
     assert expected["encoder_hidden_states"].abs().sum() > 0
+    cached = {name: torch.full_like(value, 0.5) for name, value in expected.items()}
+    encoded.set_null_condition(cached)  # a prompt cache's empty prompt: no encoder run
+    assert all(torch.equal(encoded.null_condition()[k], cached[k]) for k in cached)
 
 
 def _geometry_batch(original: list[tuple[int, int]], crops: list[tuple[int, int]]) -> dict:
@@ -121,6 +124,12 @@ def test_micro_conditioning_from_the_batch_reaches_the_unet(tokenizer_dir) -> No
     batch = _geometry_batch([(64, 48), (40, 90)], [(8, 0), (0, 29)])
     cond = denoiser.conditioning(prompts, 2, batch=batch)
     assert cond["time_ids"].tolist() == [[64, 48, 8, 0, 32, 32], [40, 90, 0, 29, 32, 32]]
+    cached = {
+        "latent_moments": torch.zeros(2, 8, 24, 20),
+        "original_sizes": batch["original_sizes"],
+    }
+    ids = denoiser.conditioning(prompts, 2, batch=cached)["time_ids"]  # target: latents x 2
+    assert ids.tolist() == [[64, 48, 0, 0, 48, 40], [40, 90, 0, 0, 48, 40]]
     dropped = denoiser.conditioning(prompts, 2, dropout=1.0, batch=batch)
     assert not dropped["encoder_hidden_states"].any() and not dropped["text_embeds"].any()
     assert torch.equal(dropped["time_ids"], cond["time_ids"])  # dropout keeps the sizes
@@ -225,22 +234,29 @@ def _cli_args(*extra: str) -> list[str]:
     return [*files, *extra]
 
 
-def test_sdxl_yaml_parses_with_the_real_model_ids(capsys) -> None:
+@pytest.mark.parametrize("tiny", [False, True], ids=["sdxl.yaml", "sdxl.yaml+tiny_sdxl.yaml"])
+def test_sdxl_configs_parse(tiny, capsys) -> None:
     import yaml
 
+    files = _cli_args() if tiny else ["--config", str(CONFIGS / "sdxl.yaml")]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIGS / "sdxl.yaml"), "--print_config"])
+        main(["fit", *files, "--print_config"])
     assert exit_info.value.code in (0, None)
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     denoiser = model["denoiser"]
     assert denoiser["class_path"] == "acpo_lightning.denoisers.sdxl.SDXLDenoiser"
     lora = denoiser["init_args"]["unet"]["init_args"]
+    assert model["guidance_scale"] == 5.0
+    if tiny:
+        assert lora["unet"]["class_path"] == "acpo_lightning.tiny.sdxl.tiny_sdxl_unet"
+        assert denoiser["init_args"]["vae_scale_factor"] == 2
+        return
     assert lora["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
     assert lora["unet"]["init_args"]["pretrained_model_name_or_path"] == (
         "stabilityai/stable-diffusion-xl-base-1.0"
     )
     assert denoiser["init_args"]["text_encoder_2"]["init_args"]["subfolder"] == "text_encoder_2"
-    assert model["guidance_scale"] == 5.0
+    assert model["noise_scheduler"]["init_args"]["scheduler_class"] == "DDPMScheduler"
 
 
 @pytest.mark.slow

@@ -156,7 +156,11 @@ class SDXLDenoiser(Denoiser):
     def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
         """The empty prompt's one-sample conditioning: zeros when ``force_zeros_for_empty_prompt``
         (as the pipeline does without a negative prompt), else the encoding of ``""``; in the
-        dtype of ``like``'s text states."""
+        dtype of ``like``'s text states; a prompt cache's when one was installed
+        (:meth:`set_null_condition`)."""
+        preset = self.preset_null_condition(like)
+        if preset is not None:  # a prompt cache's: no text-encoder run
+            return preset
         device = next(self.text_encoder_2.parameters()).device
         if self._null is None or C.first(self._null).device != device:
             null = self.encode_prompts([""])
