@@ -300,7 +300,7 @@ class ACPOCLI(LightningCLI):
         """Run ``export`` or ``cache-latents``; an input error ends in one line (exit 2)."""
         try:
             if subcommand == "export":
-                export.export_command(args.ckpt, args.out, args.config)
+                export.export_command(args.ckpt, args.out, args.config, args.format)
             else:
                 cache_latents.cache_latents_command(
                     args, args.out, args.batch_size, args.device, args.shard_size, args.overwrite
