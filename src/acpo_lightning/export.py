@@ -1,4 +1,5 @@
-"""``acpo export``: a Lightning checkpoint's LoRA as ``pytorch_lora_weights.safetensors`` for diffusers.
+"""``acpo export``: a Lightning checkpoint's LoRA as ``pytorch_lora_weights.safetensors`` for diffusers,
+or (``--format comfyui``) as ``lora_comfyui.safetensors`` for ComfyUI (see :mod:`acpo_lightning.comfyui`).
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (through
 :class:`~acpo_lightning.checkpoint_io.SafeCheckpointIO`, so a file holding pickled Python objects
@@ -7,6 +8,7 @@ from the training config: the ``config.yaml`` that ``acpo fit`` saves next to th
 one folder up, in Lightning's default layout), or the files given with ``--config``.
 
     acpo export --ckpt outputs/acpo/checkpoints/last.ckpt --out outputs/acpo/lora
+    acpo export --ckpt outputs/acpo/checkpoints/last.ckpt --out outputs/acpo/lora --format comfyui
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ import torch
 import yaml
 
 from acpo_lightning.checkpoint_io import SafeCheckpointIO
+from acpo_lightning.comfyui import (
+    COMFYUI_WEIGHT_NAME,
+    comfyui_lora_state_dict,
+    comfyui_metadata,
+    guess_base_model,
+)
 from acpo_lightning.models.lora import add_lora, to_file_layout, write_lora_file
 
 if TYPE_CHECKING:
@@ -28,6 +36,8 @@ if TYPE_CHECKING:
 
 _LORA_KEY = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.([^.]+)\.")
 CONFIG_NAME = "config.yaml"
+#: ``acpo export --format``: diffusers' ``pytorch_lora_weights.safetensors`` or ComfyUI's kohya layout.
+EXPORT_FORMATS = ("diffusers", "comfyui")
 
 
 def trained_network_name(state_dict: dict[str, torch.Tensor]) -> str:
@@ -47,12 +57,11 @@ def trained_network_name(state_dict: dict[str, torch.Tensor]) -> str:
     return names.pop()
 
 
-def lora_weights_from_checkpoint(
+def peft_lora_weights(
     state_dict: dict[str, torch.Tensor], module: str = "unet"
 ) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of ``module`` in a LightningModule state dict, in diffusers' file layout.
-
-    Produces exactly what :func:`acpo_lightning.models.lora_state_dict` gives for the live module.
+    """The LoRA tensors of ``module`` in a LightningModule state dict, with peft's names
+    (``<module path>.lora_A.weight``; prefix and adapter name removed).
 
     Raises:
         ValueError: no LoRA weights under ``module.``, or several adapters.
@@ -70,8 +79,20 @@ def lora_weights_from_checkpoint(
     if len(adapters) != 1:
         raise ValueError(f"expected one LoRA adapter in the checkpoint, found {sorted(adapters)}.")
     adapter = adapters.pop()
-    peft_state = {k.replace(f".{adapter}.", "."): v for k, v in lora.items()}
-    return to_file_layout(peft_state, module)
+    return {k.replace(f".{adapter}.", "."): v for k, v in lora.items()}
+
+
+def lora_weights_from_checkpoint(
+    state_dict: dict[str, torch.Tensor], module: str = "unet"
+) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``module`` in a LightningModule state dict, in diffusers' file layout.
+
+    Produces exactly what :func:`acpo_lightning.models.lora_state_dict` gives for the live module.
+
+    Raises:
+        ValueError: no LoRA weights under ``module.``, or several adapters.
+    """
+    return to_file_layout(peft_lora_weights(state_dict, module), module)
 
 
 def find_training_config(ckpt_path: Path) -> Path | None:
@@ -117,14 +138,20 @@ def lora_settings(configs: Sequence[Path], network: str = "unet") -> dict[str, A
 
 
 def export_checkpoint(
-    ckpt: str | Path, out: str | Path, configs: Sequence[str | Path] = ()
+    ckpt: str | Path,
+    out: str | Path,
+    configs: Sequence[str | Path] = (),
+    lora_format: str = "diffusers",
 ) -> Path:
-    """Write the checkpoint's LoRA to ``out/pytorch_lora_weights.safetensors``.
+    """Write the checkpoint's LoRA to ``out``: diffusers' or ComfyUI's file.
 
     Args:
-        ckpt: a Lightning checkpoint of an ``ACPOModule`` with a LoRA UNet.
+        ckpt: a Lightning checkpoint of an ``ACPOModule`` with a LoRA UNet or transformer.
         out: output folder (created).
         configs: the training config file(s); default: the saved ``config.yaml`` found beside ``ckpt``.
+        lora_format: ``diffusers`` (``pytorch_lora_weights.safetensors``, read by
+            ``load_lora_weights``) or ``comfyui`` (``lora_comfyui.safetensors`` in the kohya
+            layout of :mod:`acpo_lightning.comfyui`, read by ComfyUI's LoRA loader).
 
     Returns:
         The written file.
@@ -132,10 +159,13 @@ def export_checkpoint(
     Raises:
         FileNotFoundError: no checkpoint, or no config found and none given.
         UnsafeCheckpointError: the checkpoint is truncated or holds pickled Python objects.
-        ValueError: no LoRA in the checkpoint, or a rank that disagrees with the config.
+        ValueError: an unknown ``lora_format``, no LoRA in the checkpoint, a rank that disagrees
+            with the config, or (``comfyui``) a module ComfyUI does not map.
     """
-    from peft import LoraConfig
-
+    if lora_format not in EXPORT_FORMATS:
+        raise ValueError(
+            f"unknown export format {lora_format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
+        )
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(
@@ -157,24 +187,61 @@ def export_checkpoint(
     if missing:
         raise FileNotFoundError(f"config file(s) {missing} do not exist.")
     network = trained_network_name(checkpoint["state_dict"])
-    weights = lora_weights_from_checkpoint(checkpoint["state_dict"], network)
+    weights = peft_lora_weights(checkpoint["state_dict"], network)
     settings = lora_settings(paths, network)
     rank = int(settings["rank"])
-    downs = ("lora.down.weight", "lora_A.weight")
-    ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith(downs)}
+    ranks = {int(v.shape[0]) for k, v in weights.items() if k.endswith("lora_A.weight")}
     if ranks != {rank}:
         raise ValueError(
             f"the checkpoint's LoRA rank is {sorted(ranks)} but the config {[str(p) for p in paths]} says "
             f"rank: {rank}; pass the config the checkpoint was trained with."
         )
+    alpha = settings.get("alpha") or rank
+    if lora_format == "comfyui":
+        return write_comfyui_file(weights, out, rank, alpha, network)
+    from peft import LoraConfig
+
     config = LoraConfig(
         r=rank,
-        lora_alpha=settings.get("alpha") or rank,
+        lora_alpha=alpha,
         target_modules=list(settings["target_modules"]),
         lora_dropout=float(settings.get("dropout") or 0.0),
         init_lora_weights=settings.get("init_lora_weights", True),
     )
-    return write_lora_file(weights, out, config, network)
+    return write_lora_file(to_file_layout(weights, network), out, config, network)
+
+
+def write_comfyui_file(
+    weights: dict[str, torch.Tensor], out: str | Path, rank: int, alpha: float, network: str
+) -> Path:
+    """Write peft LoRA ``weights`` as ``out/lora_comfyui.safetensors`` in ComfyUI's kohya layout.
+
+    The kohya metadata carries ``ss_base_model_version`` when the weights tell the backbone
+    (:func:`~acpo_lightning.comfyui.guess_base_model`).
+
+    Raises:
+        ValueError: see :func:`~acpo_lightning.comfyui.comfyui_lora_state_dict`.
+        OSError: the file cannot be written (a previous file there is left intact).
+    """
+    from safetensors.torch import save
+
+    from acpo_lightning.checkpoint_io import write_atomically
+
+    state = comfyui_lora_state_dict(weights, rank, alpha, network)
+    metadata = comfyui_metadata(rank, alpha, guess_base_model(weights, network))
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / COMFYUI_WEIGHT_NAME
+    try:  # atomic, as write_lora_file
+        data = save(state, metadata=metadata)
+        write_atomically(path, lambda handle: handle.write(data))
+    except Exception as error:
+        previous = "the previous export there is intact" if path.exists() else "no file was left"
+        raise OSError(
+            f"could not write the ComfyUI LoRA {path}: {error}; {previous}. Fix: free disk space "
+            "or choose another output folder"
+        ) from error
+    return path
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +258,8 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_export_arguments(parser: ArgumentParser) -> None:
-    """The options of ``acpo export --ckpt CKPT --out DIR [--config FILE ...]`` (``acpo_lightning.cli``)."""
+    """The options of ``acpo export --ckpt CKPT --out DIR [--config FILE ...] [--format F]``
+    (``acpo_lightning.cli``)."""
     parser.add_argument(
         "--ckpt", type=str, required=True, help="Lightning checkpoint written by `acpo fit`."
     )
@@ -203,10 +271,21 @@ def add_export_arguments(parser: ArgumentParser) -> None:
         help="training config (repeatable, later files override); default: the config.yaml saved "
         "next to the checkpoint or one folder up",
     )
+    parser.add_argument(
+        "--format",
+        type=str,
+        choices=EXPORT_FORMATS,
+        default="diffusers",
+        help=f"file layout, one of {', '.join(EXPORT_FORMATS)}: diffusers writes "
+        "pytorch_lora_weights.safetensors for load_lora_weights; comfyui writes "
+        f"{COMFYUI_WEIGHT_NAME} (kohya keys) for ComfyUI's LoRA loader",
+    )
 
 
-def export_command(ckpt: str, out: str, configs: Sequence[str] = ()) -> Path:
+def export_command(
+    ckpt: str, out: str, configs: Sequence[str] = (), lora_format: str = "diffusers"
+) -> Path:
     """``acpo export``: :func:`export_checkpoint`, then print the written file."""
-    path = export_checkpoint(ckpt, out, configs)
+    path = export_checkpoint(ckpt, out, configs, lora_format)
     print(f"wrote {path}")
     return path
