@@ -14,6 +14,13 @@ Transforms: the cache holds the deterministic image (resize, centre crop, normal
 ``random_flip: true`` it also holds the flipped image, and the cached dataset picks one of the two
 at random per item. A random crop cannot be cached: ``center_crop: false`` is refused as soon as
 an image is not exactly the crop (a square image with ``resize``), naming the row and the fix.
+
+``--prompt-embeds`` also caches every row's prompt conditioning, made by the run's denoiser
+(``Denoiser.encode_prompts``: model.denoiser, or the flat unet/text_encoder/tokenizer), and the
+empty prompt's, with a fingerprint of the text encoders. Its text encoders run on ``--device``;
+the trained network is built too (a denoiser needs it) but stays on the CPU, and a separate
+anchor network is not built. Training on such a cache runs no text encoder in the data
+objective's steps (prompt dropout included); see :data:`PROMPT_EMBEDS_HELP`.
 """
 
 from __future__ import annotations
@@ -28,13 +35,33 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from acpo_lightning import conditioning as C
+from acpo_lightning.data.cache_checks import text_encoder_fingerprint, text_encoders
 from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.images import describe_ref, load_image
-from acpo_lightning.data.latent_cache import MANIFEST_NAME, LatentCacheWriter
+from acpo_lightning.data.latent_cache import (
+    EMBEDS_PREFIX,
+    MANIFEST_NAME,
+    NULL_FILE,
+    LatentCacheWriter,
+)
 from acpo_lightning.models.fingerprint import vae_fingerprint
 
 if TYPE_CHECKING:
     from argparse import ArgumentParser
+
+    from acpo_lightning.denoisers import Denoiser
+
+#: What ``--prompt-embeds`` saves, for ``acpo cache-latents --help``.
+PROMPT_EMBEDS_HELP = (
+    "also cache each row's prompt conditioning from the model's denoiser (model.denoiser, or "
+    "the flat unet/text_encoder/tokenizer; its text encoders run on --device, the trained "
+    "network is loaded on the CPU), and the empty prompt's. Training on the cache then runs no "
+    "text encoder in data-objective steps (prompt dropout included): their forward pass and "
+    "activations are saved each step. The encoders are still loaded and moved with the model: "
+    "rollout steps, validation and generation encode their prompts. A cache made with other "
+    "text encoders is refused at fit set-up."
+)
 
 #: Data settings recorded in the manifest (those that shape the cached tensors or pick the rows).
 _DATA_SETTINGS = (
@@ -64,6 +91,7 @@ def cache_latents(
     device: str | torch.device = "cpu",
     shard_size: int = 1024,
     overwrite: bool = False,
+    denoiser: Denoiser | None = None,
 ) -> dict[str, Any]:
     """Encode every training row of ``datamodule`` with ``vae`` into the cache folder ``out``.
 
@@ -75,6 +103,9 @@ def cache_latents(
         device: where the VAE runs.
         shard_size: rows per shard file.
         overwrite: replace a cache already in ``out``.
+        denoiser: also cache each row's prompt conditioning (``denoiser.encode_prompts``), the
+            empty prompt's and the text encoders' fingerprint; its text encoders are moved to
+            ``device``.
 
     Returns:
         The manifest written to ``out/manifest.json``.
@@ -83,11 +114,13 @@ def cache_latents(
         FileExistsError: ``out`` holds a cache and ``overwrite`` is not set.
         ValueError: the DataModule is not a ``PromptImageDataModule``, has no images, or takes
             random crops (``center_crop: false`` on an image larger than the crop); the VAE has
-            no posterior (``latent_dist``). Shards written before the error are removed.
+            no posterior (``latent_dist``); ``denoiser`` takes no prompt. Shards written before
+            the error are removed.
         BadSampleError: bad rows (as in training, with ``on_bad_sample: error``).
     """
     out = Path(out).expanduser()
     _check_parts(vae, datamodule)
+    _check_denoiser(denoiser)
     _check_out(out, overwrite)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -99,7 +132,10 @@ def cache_latents(
     flip = datamodule.train_transform.random_flip
     rows = list(datamodule.train_dataset.indices)
     writer = LatentCacheWriter(out, shard_size)
-    prompts, latent_shape = [], None
+    prompts, latent_shape, embeds = [], None, None
+    if denoiser is not None:
+        for encoder in text_encoders(denoiser).values():
+            encoder.to(device).eval().requires_grad_(False)
     load = functools.partial(_load_row, datamodule)  # decoding threads: Pillow releases the GIL
     try:
         with ThreadPoolExecutor(max_workers=max(1, datamodule.num_workers)) as pool:
@@ -108,8 +144,11 @@ def cache_latents(
                 prompts += [prompt for prompt, _ in batch]
                 moments = encode_moments(vae, torch.stack([pixels for _, pixels in batch]), flip)
                 latent_shape, shards = list(moments.shape[2:]), len(writer.shards)
-                writer.add(moments)
+                if denoiser is not None:
+                    embeds = encode_embeds(denoiser, [prompt for prompt, _ in batch])
+                writer.add(moments, embeds)
                 _progress(writer, len(rows), shards)
+        extra = {} if denoiser is None else {"prompt_embeds": _write_null(writer, denoiser)}
     except BaseException:
         for shard in writer.shards:  # no manifest refers to them: they would only take space
             (out / shard["file"]).unlink(missing_ok=True)
@@ -125,8 +164,11 @@ def cache_latents(
             "source_rows": rows,
             "vae": vae_fingerprint(vae),
             "data": _data_settings(datamodule),
+            **extra,
         }
     )
+    if denoiser is None:
+        (out / NULL_FILE).unlink(missing_ok=True)  # a replaced cache's
     for stale in before - {shard["file"] for shard in manifest["shards"]}:
         (out / stale).unlink(missing_ok=True)
     return manifest
@@ -156,6 +198,43 @@ def encode_moments(vae: nn.Module, pixels: Tensor, flip: bool) -> Tensor:
     moments = posterior.parameters.cpu()
     views = 2 if flip else 1
     return moments.view(views, -1, *moments.shape[1:]).transpose(0, 1).contiguous()
+
+
+def encode_embeds(denoiser: Denoiser, prompts: list[str]) -> dict[str, Tensor]:
+    """``denoiser``'s conditioning of ``prompts`` by entry name, on the CPU (a one-tensor
+    conditioning is named ``encoder_hidden_states``, as :func:`conditioning.describe` names it)."""
+    with torch.no_grad():
+        cond = C.to(denoiser.encode_prompts(prompts), "cpu")
+    return _named(cond)
+
+
+def _named(cond: C.Conditioning) -> dict[str, Tensor]:
+    return {"encoder_hidden_states": cond} if isinstance(cond, Tensor) else dict(cond)
+
+
+def _write_null(writer: LatentCacheWriter, denoiser: Denoiser) -> dict[str, Any]:
+    """Write the empty prompt's conditioning; the manifest's ``prompt_embeds`` entry."""
+    with torch.no_grad():
+        null = C.to(denoiser.encode_prompts([""]), "cpu")
+    named = _named(null)
+    writer.write_file(NULL_FILE, {EMBEDS_PREFIX + name: value for name, value in named.items()})
+    return {
+        "entries": [
+            [name, list(value.shape[1:]), str(value.dtype).removeprefix("torch.")]
+            for name, value in named.items()
+        ],
+        "tensor": isinstance(null, Tensor),
+        "null_file": NULL_FILE,
+        "fingerprint": text_encoder_fingerprint(denoiser),
+    }
+
+
+def _check_denoiser(denoiser: Denoiser | None) -> None:
+    if denoiser is not None and not denoiser.is_conditional:
+        raise ValueError(
+            f"--prompt-embeds: the model's {type(denoiser.trained).__name__} takes no prompt, so "
+            "there is no prompt conditioning to cache. Fix: drop --prompt-embeds."
+        )
 
 
 def _load_row(datamodule: PromptImageDataModule, row: int) -> tuple[str, Tensor]:
@@ -277,6 +356,53 @@ def load_vae_and_data(run_config: Any) -> tuple[nn.Module | None, Any]:
     return built.vae, built.data
 
 
+def load_denoiser(run_config: Any) -> Denoiser:
+    """Build the denoiser of a parsed run config, for ``--prompt-embeds``.
+
+    ``model.denoiser`` when the config injects one (its ``anchor_*`` networks are not built: no
+    prompt needs them), else a ``UNetDenoiser`` from the flat ``model.unet``, ``text_encoder``,
+    ``tokenizer`` and ``max_prompt_length``, as ``ACPOModule`` builds it.
+
+    Args:
+        run_config: the jsonargparse ``Namespace`` of ``acpo cache-latents``.
+
+    Returns:
+        The denoiser, its networks where their loaders put them (the CPU).
+    """
+    from jsonargparse import ArgumentParser, Namespace
+    from transformers import PreTrainedTokenizerBase
+
+    from acpo_lightning.denoisers import Denoiser, UNetDenoiser
+
+    def plain(value: Any) -> Any:
+        return value.as_dict() if isinstance(value, Namespace) else value
+
+    model = run_config.model
+    parser = ArgumentParser(prog="acpo cache-latents --prompt-embeds")
+    injected = plain(model.get("denoiser"))
+    if injected is not None:
+        parser.add_argument("--denoiser", type=Denoiser)
+        init_args = {
+            name: value
+            for name, value in (injected.get("init_args") or {}).items()
+            if not name.startswith("anchor_")
+        }
+        parts = parser.parse_object({"denoiser": {**injected, "init_args": init_args}})
+        return parser.instantiate_classes(parts).denoiser
+    parser.add_argument("--unet", type=nn.Module | None)
+    parser.add_argument("--text_encoder", type=nn.Module | None)
+    parser.add_argument("--tokenizer", type=PreTrainedTokenizerBase | None)
+    names = ("unet", "text_encoder", "tokenizer")
+    parts = parser.parse_object({name: plain(model.get(name)) for name in names})
+    built = parser.instantiate_classes(parts)
+    if built.unet is None:
+        raise ValueError("--prompt-embeds: the config has neither model.denoiser nor model.unet.")
+    return UNetDenoiser(
+        built.unet, built.text_encoder, built.tokenizer,
+        max_prompt_length=model.get("max_prompt_length"),
+    )  # fmt: skip
+
+
 def add_cache_arguments(parser: ArgumentParser) -> None:
     """The options of ``acpo cache-latents`` beside those of ``acpo fit`` (``acpo_lightning.cli``)."""
     group = parser.add_argument_group(
@@ -294,6 +420,7 @@ def add_cache_arguments(parser: ArgumentParser) -> None:
     )
     group.add_argument("--shard-size", type=int, default=1024, help="rows per shard")
     group.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    group.add_argument("--prompt-embeds", action="store_true", help=PROMPT_EMBEDS_HELP)
 
 
 def cache_latents_command(
@@ -303,13 +430,16 @@ def cache_latents_command(
     device: str | None = None,
     shard_size: int = 1024,
     overwrite: bool = False,
+    prompt_embeds: bool | None = None,
 ) -> dict[str, Any]:
     """``acpo cache-latents``: check ``out``, build the VAE and data, cache, print a summary.
 
     Args:
         run_config: the parsed run config (its ``model.vae`` and ``data`` are built).
         out, batch_size, shard_size, overwrite: as for :func:`cache_latents`.
-        device: where the VAE runs (default: cuda if available).
+        device: where the VAE (and the text encoders) run (default: cuda if available).
+        prompt_embeds: also cache prompt embeddings (the denoiser is built, see
+            :func:`load_denoiser`); ``None``: ``run_config``'s ``--prompt-embeds`` flag.
 
     Returns:
         The manifest written to ``out/manifest.json``.
@@ -329,7 +459,10 @@ def cache_latents_command(
         )
     resolved = _resolve_device(device)
     _check_out(Path(out).expanduser(), overwrite)  # before any weight is loaded
+    if prompt_embeds is None:
+        prompt_embeds = bool(run_config.get("prompt_embeds", False))
     vae, datamodule = load_vae_and_data(run_config)
+    denoiser = load_denoiser(run_config) if prompt_embeds else None
     manifest = cache_latents(
         vae,
         datamodule,
@@ -338,10 +471,13 @@ def cache_latents_command(
         device=resolved,
         shard_size=shard_size,
         overwrite=overwrite,
+        denoiser=denoiser,
     )
     views = " (each in both orientations)" if manifest["views"] == 2 else ""
     print(
         f"cached {manifest['count']} rows{views} in {len(manifest['shards'])} shards to "
-        f"{out} ({manifest['dtype']}, moments {manifest['latent_shape']})"
+        f"{out} ({manifest['dtype']}, moments {manifest['latent_shape']}"
+        + (", with prompt embeddings" if "prompt_embeds" in manifest else "")
+        + ")"
     )
     return manifest

@@ -14,6 +14,17 @@ A cache folder holds::
     shard-00000.safetensors    one tensor ``moments`` [rows, views, 2C, h, w]; view 1 is the
     shard-00001.safetensors    horizontally flipped image
 
+With ``--prompt-embeds`` the cache also holds each row's prompt conditioning, as the model's
+denoiser makes it (``Denoiser.encode_prompts``): every shard gains one tensor per conditioning
+entry, ``prompt_embeds.<name>`` [rows, *shape] (``encoder_hidden_states`` for a one-tensor
+conditioning; ``pooled_projections`` ... for a dict), the empty prompt's conditioning is stored
+once in ``null-prompt.safetensors`` (the same names, [1, *shape]), and the manifest gains::
+
+    prompt_embeds              {"entries": [[name, shape, dtype], ...] in the conditioning's
+                               order, "tensor": true for a one-tensor conditioning,
+                               "null_file": "null-prompt.safetensors", "fingerprint": the text
+                               encoders' (cache_checks.text_encoder_fingerprint)}
+
 Every file is written to a temporary name and renamed into place, and the manifest is written
 last, so a run that stopped part-way leaves no manifest and is refused when read.
 """
@@ -33,6 +44,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning.checkpoint_io import write_atomically
+from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
 from acpo_lightning.data.images import BadSampleError
@@ -44,6 +56,11 @@ SHARD_KEY = "moments"
 #: Storage dtypes and their names in a safetensors header.
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _REQUIRED = ("count", "resolution", "latent_shape", "views", "dtype", "prompts", "shards", "vae")
+#: Shard-tensor name prefix of the cached prompt conditioning entries.
+EMBEDS_PREFIX = "prompt_embeds."
+NULL_FILE = "null-prompt.safetensors"
+#: Dtypes a conditioning entry may have (ids and flags besides the floating text states).
+ENTRY_DTYPES = {**DTYPES, "int64": "I64", "int32": "I32", "bool": "BOOL"}
 
 
 class LatentCacheError(ValueError):
@@ -81,24 +98,33 @@ class LatentCacheWriter:
         self._pending: list[Tensor] = []
         self._pending_rows = 0
 
-    def add(self, moments: Tensor) -> None:
-        """Queue ``moments`` (``[n, views, 2C, h, w]``); full shards are written at once."""
-        self._pending.append(moments.detach().to("cpu").contiguous())
+    def add(self, moments: Tensor, embeds: dict[str, Tensor] | None = None) -> None:
+        """Queue ``moments`` (``[n, views, 2C, h, w]``) and the rows' prompt conditioning
+        ``embeds`` (``{name: [n, ...]}``), if any; full shards are written at once."""
+        rows = {SHARD_KEY: moments}
+        rows.update({EMBEDS_PREFIX + name: value for name, value in (embeds or {}).items()})
+        self._pending.append({k: v.detach().to("cpu").contiguous() for k, v in rows.items()})
         self._pending_rows += len(moments)
         self.rows += len(moments)
         while self._pending_rows >= self.shard_size:
             self._flush(self.shard_size)
 
     def _flush(self, rows: int) -> None:
+        queued = {key: torch.cat([part[key] for part in self._pending]) for key in self._pending[0]}
+        shard = {key: value[:rows].contiguous() for key, value in queued.items()}
+        rest = {key: value[rows:] for key, value in queued.items()}
+        left = len(rest[SHARD_KEY])
+        self._pending, self._pending_rows = ([rest] if left else []), left
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        self.write_file(name, shard)
+        self.shards.append({"file": name, "rows": rows})
+
+    def write_file(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Write ``tensors`` to ``folder/name`` (safetensors, atomically)."""
         from safetensors.torch import save
 
-        queued = torch.cat(self._pending)
-        shard, rest = queued[:rows].contiguous(), queued[rows:]
-        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        data = save({SHARD_KEY: shard})
+        data = save({key: value.detach().to("cpu").contiguous() for key, value in tensors.items()})
         write_atomically(self.folder / name, lambda handle: handle.write(data))
-        self.shards.append({"file": name, "rows": len(shard)})
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Write the last shard, then ``manifest.json`` (``manifest`` plus format and shards).
@@ -147,6 +173,18 @@ def read_latent_cache(folder: str | Path) -> dict[str, Any]:
     _check_manifest(manifest, path)
     for shard in manifest["shards"]:
         _check_shard(folder, shard, manifest)
+    if "prompt_embeds" in manifest:
+        null = folder / str(manifest["prompt_embeds"].get("null_file", NULL_FILE))
+        expected = {
+            EMBEDS_PREFIX + name: (
+                [1, *shape],
+                ENTRY_DTYPES[dtype],
+                f"the empty prompt's {name!r}",
+                "",
+            )
+            for name, shape, dtype in _embed_entries(manifest)
+        }
+        _check_tensors(null, expected)
     return manifest
 
 
@@ -175,41 +213,75 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             f"{path}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}. "
             f"{rerun_hint(path.parent)}"
         )
+    embeds = manifest.get("prompt_embeds")
+    if embeds is not None:
+        entries = embeds.get("entries") if isinstance(embeds, dict) else None
+        valid = isinstance(entries, list) and entries and "fingerprint" in embeds
+        if not valid or any(len(e) != 3 or e[2] not in ENTRY_DTYPES for e in entries):
+            raise LatentCacheError(
+                f"{path}: its prompt_embeds entry is not [[name, shape, dtype], ...] with a "
+                f"fingerprint. {rerun_hint(path.parent)}"
+            )
 
 
 def _check_shard(folder: Path, shard: dict[str, Any], manifest: dict[str, Any]) -> None:
+    path = folder / shard["file"]
+    rows = int(shard["rows"])
+    expected = {
+        SHARD_KEY: ([rows, int(manifest["views"]), *map(int, manifest["latent_shape"])],
+                    DTYPES[manifest["dtype"]], "moments", " [rows, views, 2C, h, w]"),
+    }  # fmt: skip
+    for name, shape, dtype in _embed_entries(manifest):
+        what = f"prompt embeddings {name!r}"
+        expected[EMBEDS_PREFIX + name] = ([rows, *shape], ENTRY_DTYPES[dtype], what, "")
+    _check_tensors(path, expected)
+
+
+def _embed_entries(manifest: dict[str, Any]) -> list[tuple[str, list[int], str]]:
+    """``(name, per-row shape, dtype)`` of each cached conditioning entry, in order (or none)."""
+    embeds = manifest.get("prompt_embeds") or {"entries": []}
+    return [
+        (str(name), [int(s) for s in shape], str(dtype)) for name, shape, dtype in embeds["entries"]
+    ]
+
+
+def _check_tensors(path: Path, expected: dict[str, tuple[list[int], str, str, str]]) -> None:
+    """Every tensor of ``expected`` (``key: (shape, dtype, what, axes)``) is in ``path`` as said."""
     from safetensors import SafetensorError, safe_open
 
-    path = folder / shard["file"]
+    folder = path.parent
     if not path.is_file():
         raise FileNotFoundError(
-            f"latent cache {folder} is incomplete: {shard['file']}, listed in {MANIFEST_NAME}, "
+            f"latent cache {folder} is incomplete: {path.name}, listed in {MANIFEST_NAME}, "
             f"is missing. {rerun_hint(folder)}"
         )
-    expected = [int(shard["rows"]), int(manifest["views"]), *map(int, manifest["latent_shape"])]
+    found = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if SHARD_KEY not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                raise LatentCacheError(
-                    f"{path} holds no {SHARD_KEY!r} tensor. {rerun_hint(folder)}"
-                )
-            tensor = handle.get_slice(SHARD_KEY)
-            shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
+            keys = set(handle.keys())
+            for key in expected:
+                if key not in keys:
+                    raise LatentCacheError(f"{path} holds no {key!r} tensor. {rerun_hint(folder)}")
+                tensor = handle.get_slice(key)
+                found[key] = (list(tensor.get_shape()), tensor.get_dtype())
     except (SafetensorError, OSError) as error:
         raise LatentCacheError(
             f"cannot read {path} ({error}): the file is truncated or not a safetensors file. "
             f"{rerun_hint(folder)}"
         ) from None
-    if shape != expected or dtype != DTYPES[manifest["dtype"]]:
-        raise LatentCacheError(
-            f"{path} holds moments of shape {shape} ({dtype}), but {MANIFEST_NAME} says "
-            f"{expected} ({DTYPES[manifest['dtype']]}) [rows, views, 2C, h, w]: the folder mixes "
-            f"files of different runs. {rerun_hint(folder)}"
-        )
+    for key, (shape, dtype, what, axes) in expected.items():
+        if found[key] != (shape, dtype):
+            raise LatentCacheError(
+                f"{path} holds {what} of shape {found[key][0]} ({found[key][1]}), but "
+                f"{MANIFEST_NAME} says {shape} ({dtype}){axes}: the folder mixes files of "
+                f"different runs. {rerun_hint(folder)}"
+            )
 
 
 class CachedLatentsDataset(Dataset):
-    """The rows of a latent cache as items ``{"prompt", "latent_moments"}`` (``[2C, h, w]``).
+    """The rows of a latent cache as items ``{"prompt", "latent_moments"}`` (``[2C, h, w]``),
+    plus ``prompt_embeds`` (the row's conditioning without the batch axis: a tensor, or a dict of
+    tensors in the order the denoiser made them) when the cache holds prompt embeddings.
 
     With two views (a cache made with ``random_flip``), each read picks the flipped one with
     probability 1/2, from ``torch``'s global generator, as ``ImageTransform`` does for images.
@@ -232,6 +304,8 @@ class CachedLatentsDataset(Dataset):
         for shard in manifest["shards"]:
             self.starts.append(self.starts[-1] + int(shard["rows"]))
         self.views = int(manifest["views"])
+        self.embed_names = [name for name, _, _ in _embed_entries(manifest)]
+        self.embeds_are_tensor = bool((manifest.get("prompt_embeds") or {}).get("tensor"))
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -246,8 +320,18 @@ class CachedLatentsDataset(Dataset):
         shard = bisect.bisect_right(self.starts, index) - 1
         local = index - self.starts[shard]
         view = int(torch.rand(()) < 0.5) if self.views == 2 else 0
-        moments = self._handle(shard).get_slice(SHARD_KEY)[local : local + 1, view : view + 1]
-        return {"prompt": self.prompts[index], "latent_moments": moments[0, 0]}
+        handle = self._handle(shard)
+        moments = handle.get_slice(SHARD_KEY)[local : local + 1, view : view + 1]
+        item = {"prompt": self.prompts[index], "latent_moments": moments[0, 0]}
+        if self.embed_names:
+            embeds = {
+                name: handle.get_slice(EMBEDS_PREFIX + name)[local : local + 1][0]
+                for name in self.embed_names
+            }
+            item["prompt_embeds"] = (
+                embeds[self.embed_names[0]] if self.embeds_are_tensor else embeds
+            )
+        return item
 
     def _handle(self, shard: int) -> Any:
         from safetensors import safe_open
@@ -261,7 +345,11 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
     """Train on a latent cache written by ``acpo cache-latents`` instead of encoding images.
 
     Training batches are ``{"prompts": [...], "latent_moments": [B, 2C, h, w]}``; ``ACPOModule``
-    samples a latent from each posterior exactly as it does for ``pixel_values``. The loaders are
+    samples a latent from each posterior exactly as it does for ``pixel_values``. A cache made
+    with ``--prompt-embeds`` adds ``prompt_embeds`` (the denoiser's conditioning, batch first),
+    which the denoiser uses instead of running its text encoders; ``ACPOModule.setup`` checks
+    :attr:`prompt_cache_fingerprint` against its text encoders and installs
+    :meth:`null_condition` as the denoiser's empty prompt. The loaders are
     the resumable, seeded ones of ``PromptImageDataModule`` (:func:`seeded_loader`), so a resumed
     run sees the same batches.
 
@@ -331,6 +419,32 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
         return dict(self.manifest["vae"])
 
     @property
+    def prompt_cache_fingerprint(self) -> dict[str, Any] | None:
+        """The text encoders that made the cached prompt embeddings (``None``: none cached); see
+        ``cache_checks.text_encoder_fingerprint``."""
+        embeds = self.manifest.get("prompt_embeds")
+        return None if embeds is None else dict(embeds["fingerprint"])
+
+    def null_condition(self) -> Conditioning:
+        """The cached empty prompt's conditioning (one sample, batch first), for
+        ``Denoiser.set_null_condition``.
+
+        Raises:
+            ValueError: the cache holds no prompt embeddings.
+        """
+        from safetensors.torch import load_file
+
+        embeds = self.manifest.get("prompt_embeds")
+        if embeds is None:
+            raise ValueError(
+                f"the latent cache {self.path} holds no prompt embeddings. Fix: re-run `acpo "
+                "cache-latents` with --prompt-embeds."
+            )
+        tensors = load_file(str(self.path / embeds.get("null_file", NULL_FILE)))
+        cond = {name: tensors[EMBEDS_PREFIX + name] for name, _, _ in _embed_entries(self.manifest)}
+        return next(iter(cond.values())) if embeds.get("tensor") else cond
+
+    @property
     def latent_moments_shape(self) -> tuple[int, ...]:
         """The shape of one item's ``latent_moments``: ``(2C, h, w)``."""
         return tuple(int(side) for side in self.manifest["latent_shape"])
@@ -354,6 +468,8 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
             self.val_dataset = PromptImageDataset(self.val_prompts, rows, transform=None)
             self.predict_dataset = self.val_dataset
         views = "both orientations" if self.manifest["views"] == 2 else "one orientation"
+        if "prompt_embeds" in self.manifest:
+            views += ", with prompt embeddings"
         rank_zero_info(
             f"CachedLatentsDataModule: {len(self.train_dataset)} cached training rows ({views}, "
             f"{self.manifest['dtype']}) from {self.path}"
