@@ -199,3 +199,36 @@ def test_unconditional_models_are_refused_and_a_cache_without_embeddings_keeps_n
         cached.prompt_cache_fingerprint is None and "prompt_embeds" not in cached.train_dataset[0]
     )
     assert "runs no text encoder in data-objective steps" in PROMPT_EMBEDS_HELP
+
+
+def test_the_command_caches_the_configs_prompt_embeddings(tmp_path, monkeypatch, capsys):
+    """acpo.yaml as shipped, its models pointed at a local SD-shaped folder: ``--prompt-embeds``
+    builds the flat UNet denoiser (LoRA included) and caches what it encodes."""
+    from acpo_lightning.cli import main
+    from acpo_lightning.models import load_text_encoder, load_tokenizer
+    from conftest import CONFIGS
+    from test_latent_cache import _tiny_sd_repo
+
+    repo = _tiny_sd_repo(tmp_path / "tiny-sd")
+    images = write_images(tmp_path / "images", count=3, size=(32, 32))
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "acpo.yaml"), "--out", str(tmp_path / "latents")]
+    for name in ("vae", "text_encoder", "tokenizer", "unet.init_args.unet"):
+        args += [f"--model.{name}.init_args.pretrained_model_name_or_path", str(repo)]
+    args += ["--data.init_args.path", str(images), "--data.init_args.resolution", "32"]
+    main(["cache-latents", *args, "--data.init_args.num_workers", "0", "--prompt-embeds"])
+    assert "with prompt embeddings" in capsys.readouterr().out
+    cached = CachedLatentsDataModule(str(tmp_path / "latents"))
+    cached.setup("fit")
+    encoder = load_text_encoder(str(repo), torch_dtype=torch.bfloat16)
+    denoiser = UNetDenoiser(T.tiny_unet(), encoder, load_tokenizer(str(repo)))
+    item = cached.train_dataset[0]
+    assert item["prompt_embeds"].dtype == torch.bfloat16  # the config's encoder dtype
+    torch.testing.assert_close(item["prompt_embeds"], denoiser.encode_prompts([item["prompt"]])[0])
+    check_latent_cache(cached, cached_vae(repo), (8, 16, 16), denoiser)
+
+
+def cached_vae(repo: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(repo / "vae", torch_dtype=torch.bfloat16)
