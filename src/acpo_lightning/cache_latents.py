@@ -20,7 +20,7 @@ an image is not exactly the crop (a square image with ``resize``), naming the ro
 empty prompt's, with a fingerprint of the text encoders. Its text encoders run on ``--device``;
 the trained network is built too (a denoiser needs it) but stays on the CPU, and a separate
 anchor network is not built. Training on such a cache runs no text encoder in the data
-objective's steps (prompt dropout included); see :data:`PROMPT_EMBEDS_HELP`.
+objective's steps (prompt dropout included); see :mod:`acpo_lightning.prompt_cache`.
 """
 
 from __future__ import annotations
@@ -35,33 +35,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from acpo_lightning import conditioning as C
-from acpo_lightning.data.cache_checks import text_encoder_fingerprint, text_encoders
+from acpo_lightning.data.cache_checks import text_encoders
 from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.images import describe_ref, load_image
-from acpo_lightning.data.latent_cache import (
-    EMBEDS_PREFIX,
-    MANIFEST_NAME,
-    NULL_FILE,
-    LatentCacheWriter,
-)
+from acpo_lightning.data.latent_cache import MANIFEST_NAME, NULL_FILE, LatentCacheWriter
 from acpo_lightning.models.fingerprint import vae_fingerprint
+from acpo_lightning.prompt_cache import (
+    PROMPT_EMBEDS_HELP,
+    check_denoiser,
+    encode_embeds,
+    load_denoiser,
+    write_null,
+)
 
 if TYPE_CHECKING:
     from argparse import ArgumentParser
 
     from acpo_lightning.denoisers import Denoiser
 
-#: What ``--prompt-embeds`` saves, for ``acpo cache-latents --help``.
-PROMPT_EMBEDS_HELP = (
-    "also cache each row's prompt conditioning from the model's denoiser (model.denoiser, or "
-    "the flat unet/text_encoder/tokenizer; its text encoders run on --device, the trained "
-    "network is loaded on the CPU), and the empty prompt's. Training on the cache then runs no "
-    "text encoder in data-objective steps (prompt dropout included): their forward pass and "
-    "activations are saved each step. The encoders are still loaded and moved with the model: "
-    "rollout steps, validation and generation encode their prompts. A cache made with other "
-    "text encoders is refused at fit set-up."
-)
 
 #: Data settings recorded in the manifest (those that shape the cached tensors or pick the rows).
 _DATA_SETTINGS = (
@@ -120,7 +111,7 @@ def cache_latents(
     """
     out = Path(out).expanduser()
     _check_parts(vae, datamodule)
-    _check_denoiser(denoiser)
+    check_denoiser(denoiser)
     _check_out(out, overwrite)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -148,7 +139,7 @@ def cache_latents(
                     embeds = encode_embeds(denoiser, [prompt for prompt, _ in batch])
                 writer.add(moments, embeds)
                 _progress(writer, len(rows), shards)
-        extra = {} if denoiser is None else {"prompt_embeds": _write_null(writer, denoiser)}
+        extra = {} if denoiser is None else {"prompt_embeds": write_null(writer, denoiser)}
     except BaseException:
         for shard in writer.shards:  # no manifest refers to them: they would only take space
             (out / shard["file"]).unlink(missing_ok=True)
@@ -198,43 +189,6 @@ def encode_moments(vae: nn.Module, pixels: Tensor, flip: bool) -> Tensor:
     moments = posterior.parameters.cpu()
     views = 2 if flip else 1
     return moments.view(views, -1, *moments.shape[1:]).transpose(0, 1).contiguous()
-
-
-def encode_embeds(denoiser: Denoiser, prompts: list[str]) -> dict[str, Tensor]:
-    """``denoiser``'s conditioning of ``prompts`` by entry name, on the CPU (a one-tensor
-    conditioning is named ``encoder_hidden_states``, as :func:`conditioning.describe` names it)."""
-    with torch.no_grad():
-        cond = C.to(denoiser.encode_prompts(prompts), "cpu")
-    return _named(cond)
-
-
-def _named(cond: C.Conditioning) -> dict[str, Tensor]:
-    return {"encoder_hidden_states": cond} if isinstance(cond, Tensor) else dict(cond)
-
-
-def _write_null(writer: LatentCacheWriter, denoiser: Denoiser) -> dict[str, Any]:
-    """Write the empty prompt's conditioning; the manifest's ``prompt_embeds`` entry."""
-    with torch.no_grad():
-        null = C.to(denoiser.encode_prompts([""]), "cpu")
-    named = _named(null)
-    writer.write_file(NULL_FILE, {EMBEDS_PREFIX + name: value for name, value in named.items()})
-    return {
-        "entries": [
-            [name, list(value.shape[1:]), str(value.dtype).removeprefix("torch.")]
-            for name, value in named.items()
-        ],
-        "tensor": isinstance(null, Tensor),
-        "null_file": NULL_FILE,
-        "fingerprint": text_encoder_fingerprint(denoiser),
-    }
-
-
-def _check_denoiser(denoiser: Denoiser | None) -> None:
-    if denoiser is not None and not denoiser.is_conditional:
-        raise ValueError(
-            f"--prompt-embeds: the model's {type(denoiser.trained).__name__} takes no prompt, so "
-            "there is no prompt conditioning to cache. Fix: drop --prompt-embeds."
-        )
 
 
 def _load_row(datamodule: PromptImageDataModule, row: int) -> tuple[str, Tensor]:
@@ -354,53 +308,6 @@ def load_vae_and_data(run_config: Any) -> tuple[nn.Module | None, Any]:
     parts = parser.parse_object({"vae": plain(model.get("vae")), "data": plain(run_config.data)})
     built = parser.instantiate_classes(parts)
     return built.vae, built.data
-
-
-def load_denoiser(run_config: Any) -> Denoiser:
-    """Build the denoiser of a parsed run config, for ``--prompt-embeds``.
-
-    ``model.denoiser`` when the config injects one (its ``anchor_*`` networks are not built: no
-    prompt needs them), else a ``UNetDenoiser`` from the flat ``model.unet``, ``text_encoder``,
-    ``tokenizer`` and ``max_prompt_length``, as ``ACPOModule`` builds it.
-
-    Args:
-        run_config: the jsonargparse ``Namespace`` of ``acpo cache-latents``.
-
-    Returns:
-        The denoiser, its networks where their loaders put them (the CPU).
-    """
-    from jsonargparse import ArgumentParser, Namespace
-    from transformers import PreTrainedTokenizerBase
-
-    from acpo_lightning.denoisers import Denoiser, UNetDenoiser
-
-    def plain(value: Any) -> Any:
-        return value.as_dict() if isinstance(value, Namespace) else value
-
-    model = run_config.model
-    parser = ArgumentParser(prog="acpo cache-latents --prompt-embeds")
-    injected = plain(model.get("denoiser"))
-    if injected is not None:
-        parser.add_argument("--denoiser", type=Denoiser)
-        init_args = {
-            name: value
-            for name, value in (injected.get("init_args") or {}).items()
-            if not name.startswith("anchor_")
-        }
-        parts = parser.parse_object({"denoiser": {**injected, "init_args": init_args}})
-        return parser.instantiate_classes(parts).denoiser
-    parser.add_argument("--unet", type=nn.Module | None)
-    parser.add_argument("--text_encoder", type=nn.Module | None)
-    parser.add_argument("--tokenizer", type=PreTrainedTokenizerBase | None)
-    names = ("unet", "text_encoder", "tokenizer")
-    parts = parser.parse_object({name: plain(model.get(name)) for name in names})
-    built = parser.instantiate_classes(parts)
-    if built.unet is None:
-        raise ValueError("--prompt-embeds: the config has neither model.denoiser nor model.unet.")
-    return UNetDenoiser(
-        built.unet, built.text_encoder, built.tokenizer,
-        max_prompt_length=model.get("max_prompt_length"),
-    )  # fmt: skip
 
 
 def add_cache_arguments(parser: ArgumentParser) -> None:
