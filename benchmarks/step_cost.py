@@ -15,6 +15,15 @@ CPU step takes seconds, not minutes: the proportions of the parts stay those of 
 (``component_flops.py --latent 32`` against ``--latent 64``: the ACPO/plain FLOPs ratios differ by
 under 0.05). ``--quick`` shrinks every width, which changes the proportions (the VAE and the
 ResNet-50 head weigh more against a 1/10-width UNet), so its ratios overstate ACPO's cost.
+
+``--backbone sdxl|sd35m|flux`` times the big backbones (``backbones.py``; SD3.5-Medium and
+FLUX.1-dev on cached prompt embeddings, no text encoder) by running a step's parts directly
+(``RAW_VARIANTS``: plain LoRA, ACPO with the VAE decoder, ACPO with the TAESD of that latent
+space), at ``--scale`` of their width and ``--latent`` for CPU timings, or ``--full`` (1024 px, real
+widths) on a GPU; the FLOP count of each variant's step says how far the reduced proportions are
+from ``component_flops.py --backbone ...`` at full size.
+
+    python benchmarks/step_cost.py --backbone flux --scale 0.125 --latent 32 --rounds 2
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ VARIANTS = {
         w_anchor=1.0, w_perc=0.1, objective="rollout", rollout_steps=10, k_late=3
     ),
     "draft_k1_chain": dict(draft=True),
+}
+#: variants of ``--backbone sdxl|sd35m|flux``: the step's parts run directly (see ``raw_step``)
+RAW_VARIANTS = {
+    "plain_lora": dict(anchor=False, decoder=None),
+    "acpo": dict(anchor=True, decoder="vae"),
+    "acpo_taesd": dict(anchor=True, decoder="taesd"),
 }
 
 
@@ -203,14 +218,6 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         with torch.no_grad():
             pixels = batch.pop("pixel_values").to(module.device, module.vae.dtype)
             batch["latent_moments"] = module.vae.encode(pixels).latent_dist.parameters.float()
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-    else:
-        base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
     def step() -> None:
@@ -222,6 +229,91 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    measure_steps(name, step, args, queue)
+
+
+def build_raw(args: argparse.Namespace):
+    """The parts of a big backbone's step, built on ``args.device`` with random weights.
+
+    Frozen weights in bf16 with ``--bf16`` (built in that dtype, so FLUX.1-dev never exists in
+    fp32 on the GPU); LoRA weights fp32; gradient checkpointing as ``--checkpointing`` says.
+    """
+    from backbones import BACKBONES
+
+    from acpo_lightning.models import add_lora
+
+    spec = BACKBONES[args.backbone]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            net = spec.make_denoiser(args.scale, args.latent)
+            vae = spec.make_vae(args.scale).requires_grad_(False)
+            tiny = spec.make_tiny_vae(args.scale).requires_grad_(False)
+            inputs = spec.make_inputs(args.batch, args.latent, spec.tokens_at(args.latent), net)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    net = add_lora(net, rank=16, target_modules=spec.lora_targets).to(args.device)
+    head = iqa_sized_head(args.head_size).to(args.device, dtype)
+    if args.checkpointing:
+        for part in (net, vae, tiny):
+            part.enable_gradient_checkpointing()
+    net.train()
+    return spec, net, {"vae": vae, "taesd": tiny}, head, inputs
+
+
+def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    """One big-backbone variant: the parts of a step, run directly (no ``ACPOModule``).
+
+    The step is what ACPO's data objective runs (``objectives/data.py``): the policy's forward
+    and one backward for the whole loss; plain LoRA stops at the diffusion loss; ACPO adds the
+    anchor's forward (adapters off, no grad) and, for ``round(share x batch)`` samples, the
+    decoder and the quality head on the x0 estimate, with gradient back into the policy.
+    """
+    from acpo_lightning.models.lora import adapters_disabled
+
+    torch.set_num_threads(args.threads)
+    variant = RAW_VARIANTS[name]
+    spec, net, decoders, head, inputs = build_raw(args)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    noisy = inputs["sample" if "sample" in inputs else "hidden_states"]
+    target = torch.randn_like(noisy)
+    scored = round(args.share * args.batch) if variant["decoder"] else 0
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step() -> None:
+        with autocast:
+            pred = net(**inputs).sample
+            loss = (pred.float() - target.float()).pow(2).mean()
+            if variant["anchor"]:
+                with torch.no_grad(), adapters_disabled(net):
+                    anchor = net(**inputs).sample
+                loss = loss + (pred.float() - anchor.float()).pow(2).mean()
+            if scored:  # an affine x0 estimate costs what the process's own does
+                x0 = spec.prediction_latents(noisy[:scored] - pred[:scored], args.latent)
+                decoder = decoders[variant["decoder"]]
+                image = (decoder.decode(x0.to(noisy.dtype)).sample / 2 + 0.5).clamp(0, 1)
+                loss = loss - 0.1 * head(image).float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    measure_steps(name, step, args, queue, scored=scored)
+
+
+def measure_steps(name: str, step, args: argparse.Namespace, queue: mp.Queue, **extra) -> None:
+    """Time ``step()`` (median after warm-up), count one more step's FLOPs, report peak memory."""
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
 
     for index in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -242,6 +334,7 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         peak = total - base_mem
     queue.put(
         {
+            **extra,
             "variant": name,
             "step_s": statistics.median(times),
             "step_times_s": times,
@@ -285,8 +378,17 @@ def main() -> None:
     size.add_argument(
         "--quick", action="store_true", help="1/10 widths, 16x16 latents (128 px), 112 px head"
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="width multiplier of the UNet/VAE")
+    parser.add_argument(
+        "--backbone",
+        choices=("sd15", "sdxl", "sd35m", "flux"),
+        default="sd15",
+        help="sd15: ACPOModule steps; sdxl|sd35m|flux: their parts run directly (RAW_VARIANTS)",
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="width multiplier of the networks")
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side = 8x)")
+    parser.add_argument(
+        "--share", type=float, default=0.25, help="scored share of the batch (big backbones)"
+    )
     parser.add_argument(
         "--head-size", type=int, default=224, help="native input side of the IQA head"
     )
@@ -305,14 +407,17 @@ def main() -> None:
         help="gradient checkpointing (on, as in configs/acpo.yaml)",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=None, help="default: all of them")
     parser.add_argument(
         "--rounds", type=int, default=1, help="passes over all variants, interleaved (ABC ABC)"
     )
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args()
+    raw = args.backbone != "sd15"
     if args.full:
-        args.scale, args.latent, args.head_size = 1.0, 64, 224
+        args.scale, args.latent, args.head_size = 1.0, 128 if raw else 64, 224
+    args.variants = args.variants or list(RAW_VARIANTS if raw else VARIANTS)
+    target = run_raw_variant if raw else run_variant
     if args.quick:
         args.scale, args.latent, args.head_size = 0.1, 16, 112
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -323,7 +428,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         for name in args.variants:
             queue = context.Queue()
-            process = context.Process(target=run_variant, args=(name, args, queue))
+            process = context.Process(target=target, args=(name, args, queue))
             process.start()
             row = queue.get()
             process.join()
@@ -352,7 +457,7 @@ def main() -> None:
         else f"{cpu_name()}, {args.threads} threads"
     )
     report = {"machine": machine, "settings": vars(args), "results": results}
-    path = Path(args.out) / "step_cost.json"
+    path = Path(args.out) / ("step_cost.json" if not raw else f"step_cost_{args.backbone}.json")
     path.write_text(json.dumps(report, indent=2))
     print(f"written to {path} ({machine})")
 
