@@ -279,7 +279,8 @@ def test_sd3_configs_parse(overlay, capsys) -> None:
     assert denoiser["class_path"] == "acpo_lightning.denoisers.sd3.SD3Denoiser"
     transformer = denoiser["init_args"]["transformer"]
     assert transformer["class_path"] == "acpo_lightning.models.add_lora"
-    assert transformer["init_args"]["target_modules"] == list(JOINT_ATTENTION_PROJECTIONS)
+    targets = [f"attn.{name}" for name in JOINT_ATTENTION_PROJECTIONS]  # not SD3.5's attn2
+    assert transformer["init_args"]["target_modules"] == targets
     assert model["process"]["class_path"] == "acpo_lightning.processes.FlowProcess"
     if not overlay:
         assert model["num_inference_steps"] == 28 and model["guidance_scale"] == 4.5
@@ -287,6 +288,8 @@ def test_sd3_configs_parse(overlay, capsys) -> None:
 
 @pytest.mark.slow
 def test_tiny_sd3_config_fits_validates_and_exports_for_the_pipeline(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
     from acpo_lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -300,6 +303,7 @@ def test_tiny_sd3_config_fits_validates_and_exports_for_the_pipeline(tmp_path, m
     state = torch.load(last, weights_only=True)["state_dict"]
     lora = {k: v for k, v in state.items() if "lora_" in k}
     assert lora and all(k.startswith("transformer.") for k in lora)
+    assert any(".attn.add_q_proj." in k for k in lora) and not any(".attn2." in k for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained
     main(["validate", *configs, "--ckpt_path", str(last), "--trainer.logger", "false"])
     main(["export", "--ckpt", str(last), "--out", str(tmp_path / "lora")])
@@ -313,3 +317,9 @@ def test_tiny_sd3_config_fits_validates_and_exports_for_the_pipeline(tmp_path, m
         assert torch.equal(loaded[adapter.sub(r".\1.", name.removeprefix("transformer."))], value)
     tuned = _pipe_images(pipe, steps=2)
     assert math.isfinite(tuned.sum().item()) and not torch.equal(tuned, base)
+    main(["export", "--ckpt", str(last), "--out", str(tmp_path / "comfy"), "--format", "comfyui"])
+    comfy = load_file(tmp_path / "comfy" / "lora_comfyui.safetensors")
+    # two tensors (down, up) and an alpha per adapted module
+    assert len(comfy) == 3 * len(lora) // 2 and all(
+        k.startswith("lora_transformer_") for k in comfy
+    )
