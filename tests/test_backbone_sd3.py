@@ -323,3 +323,58 @@ def test_tiny_sd3_config_fits_validates_and_exports_for_the_pipeline(tmp_path, m
     assert len(comfy) == 3 * len(lora) // 2 and all(
         k.startswith("lora_transformer_") for k in comfy
     )
+
+
+@pytest.mark.slow
+def test_sd35_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch) -> None:
+    """sd35.yaml as shipped (bf16 base weights, bf16-mixed, the real factories: three encoders
+    and tokenizers from their subfolders, the flow scheduler) on a local SD3-shaped folder."""
+    import yaml
+
+    from acpo_lightning.cli import build_cli
+
+    repo = tmp_path / "tiny-sd3"
+    parts = {
+        "transformer": tiny.tiny_sd3_transformer(), "vae": tiny.tiny_sd3_vae(),
+        "text_encoder": tiny.tiny_sd3_clip_encoder(), "tokenizer": T.tiny_tokenizer(),
+        "text_encoder_2": tiny.tiny_sd3_clip_encoder_2(), "tokenizer_2": T.tiny_tokenizer(),
+        "text_encoder_3": tiny_t5.tiny_t5_encoder(), "tokenizer_3": tiny_t5.tiny_t5_tokenizer(),
+        "scheduler": tiny.tiny_sd3_scheduler(),
+    }  # fmt: skip
+    for folder, part in parts.items():
+        part.save_pretrained(repo / folder)
+    local = {"init_args": {"pretrained_model_name_or_path": str(repo)}}
+    names = [
+        *(f"text_encoder{s}" for s in ("", "_2", "_3")),
+        *(f"tokenizer{s}" for s in ("", "_2", "_3")),
+    ]
+    overlay = {
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "logger": False,
+            "callbacks": [], "enable_checkpointing": False, "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "denoiser": {"init_args": {
+                "transformer": {"init_args": {"unet": local, "rank": 4}},
+                **dict.fromkeys(names, local), "max_sequence_length": T5_LENGTH,
+            }},
+            "process": {"init_args": {"noise_scheduler": local}},
+            "vae": local,
+            "quality_head": {"class_path": "acpo_lightning.testing.TinyQualityHead"},
+            "perceptual_share": 0.5,
+        },
+        "data": {"class_path": "acpo_lightning.data.ShapesDataModule", "init_args": {
+            "train_size": 4, "val_size": 2, "image_size": SIZE, "batch_size": 2,
+        }},
+    }  # fmt: skip
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(overlay))
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["fit", *_configs("sd35.yaml"), "--config", str(tmp_path / "local.yaml")])
+    module = cli.model
+    assert cli.trainer.global_step == 2 and int(module.guard.skipped_steps) == 0
+    assert (
+        module.transformer.dtype == torch.bfloat16 and module.text_encoder_3.dtype == torch.bfloat16
+    )
+    lora = {n: p for n, p in module.transformer.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained
