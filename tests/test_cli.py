@@ -18,6 +18,13 @@ from conftest import CONFIGS
 #: Standalone configs, and each overlay with the config it is layered on.
 STANDALONE = ["acpo.yaml", "ddpm_church.yaml", "demo.yaml"]
 OVERLAYS = {"tiny.yaml": "acpo.yaml", "tiny_pixel.yaml": "ddpm_church.yaml"}
+#: The big backbones (a denoiser injected; their tiny overlays train in tests/test_backbone_*.py).
+BACKBONES = ["sdxl.yaml", "sd35.yaml", "flux.yaml"]
+BACKBONE_OVERLAYS = {
+    "tiny_sdxl.yaml": "sdxl.yaml",
+    "tiny_sd3.yaml": "sd35.yaml",
+    "tiny_flux.yaml": "flux.yaml",
+}
 #: Overlays of the embedded demo (trained in tests/test_demo.py, parsed here).
 DEMO_OVERLAYS = {"demo_control.yaml": "demo.yaml", "demo_no_anchor.yaml": "demo.yaml"}
 #: Speed overlays (trained on local tiny weights in test_acpo_yaml_real_loaders_bf16...).
@@ -31,7 +38,9 @@ STRATEGY_OVERLAYS = {
 
 
 def _config_args(name: str) -> list[str]:
-    base = {**OVERLAYS, **DEMO_OVERLAYS, **SPEED_OVERLAYS, **STRATEGY_OVERLAYS}.get(name)
+    base = {
+        **OVERLAYS, **DEMO_OVERLAYS, **SPEED_OVERLAYS, **STRATEGY_OVERLAYS, **BACKBONE_OVERLAYS
+    }.get(name)  # fmt: skip
     files = [base, name] if base else [name]
     return [arg for f in files for arg in ("--config", str(CONFIGS / f))]
 
@@ -39,7 +48,8 @@ def _config_args(name: str) -> list[str]:
 def test_every_config_is_covered_here() -> None:
     shipped = {p.name for p in CONFIGS.glob("*.yaml")}
     overlays = {**OVERLAYS, **DEMO_OVERLAYS, **SPEED_OVERLAYS, **STRATEGY_OVERLAYS}
-    assert shipped == set(STANDALONE) | set(overlays)
+    overlays |= BACKBONE_OVERLAYS
+    assert shipped == set(STANDALONE) | set(BACKBONES) | set(overlays)
 
 
 @pytest.mark.parametrize(
@@ -48,15 +58,26 @@ def test_every_config_is_covered_here() -> None:
     + list(OVERLAYS)
     + list(DEMO_OVERLAYS)
     + list(SPEED_OVERLAYS)
-    + list(STRATEGY_OVERLAYS),
+    + list(STRATEGY_OVERLAYS)
+    + BACKBONES
+    + list(BACKBONE_OVERLAYS),
 )
 def test_config_parses(name: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_config_args(name), "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["unet"]["class_path"] == "acpo_lightning.models.add_lora"
-    assert 0 <= printed["model"]["tau"] < 1000
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    if model.get("denoiser"):  # SDXL, SD3, FLUX: the LoRA network sits in the denoiser
+        args = model["denoiser"]["init_args"]
+        network = args.get("unet") or args.get("transformer")
+    else:
+        network = model["unet"]
+    assert network["class_path"] == "acpo_lightning.models.add_lora"
+    process = model.get("process")
+    if process and process["class_path"].endswith("FlowProcess"):
+        assert 0 < process["init_args"]["sigma_max"] <= 1
+    else:
+        assert 0 <= model["tau"] < 1000
 
 
 def test_acpo_yaml_documents_every_knob() -> None:

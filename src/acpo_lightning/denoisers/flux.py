@@ -185,6 +185,9 @@ class FluxDenoiser(Denoiser):
 
     def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
         """The empty prompt's text conditioning (no ``guidance``: prompt dropout keeps the sample's)."""
+        preset = self.preset_null_condition(like)  # from a prompt-embedding cache
+        if preset is not None:
+            return preset
         device = next(self.text_encoder_2.parameters()).device
         if self._null is None or C.first(self._null).device != device:
             self._null = self.encode_prompts([""])

@@ -182,6 +182,9 @@ class SD3Denoiser(Denoiser):
 
     def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
         """The encoded empty prompt (the pipeline's default negative prompt), cached."""
+        preset = self.preset_null_condition(like)  # from a prompt-embedding cache
+        if preset is not None:
+            return preset
         device = next(self.text_encoder.parameters()).device
         if self._null is None or C.first(self._null).device != device:
             self._null = self.encode_prompts([""])
