@@ -34,8 +34,7 @@ __all__ = ["ACPOModule", "NonFiniteTrainingError"]
 
 #: arguments that carry networks and callables: not hyperparameters
 _NETWORK_ARGUMENTS = ("unet", "quality_head", "noise_scheduler", "vae", "text_encoder", "tokenizer")
-_NETWORK_ARGUMENTS += ("anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler")
-_NETWORK_ARGUMENTS += ("perceptual_decoder",)
+_NETWORK_ARGUMENTS += ("anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler", "perceptual_decoder")
 
 
 class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
