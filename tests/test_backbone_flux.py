@@ -248,3 +248,15 @@ def test_flux_configs_parse(overlay, capsys) -> None:
     side = denoiser["init_args"]["resolution"] // denoiser["init_args"]["vae_scale_factor"]
     assert process["image_seq_len"] == (side // 2) ** 2
     assert model["guidance_scale"] == 3.5 and denoiser["init_args"]["guidance_scale"] == 3.5
+
+
+def test_a_resolution_shift_for_another_image_size_is_refused() -> None:
+    """The process's image_seq_len must be the denoiser's token count: otherwise training draws
+    sigmas shifted for another resolution than rollouts and generate() sample with."""
+    with pytest.raises(ValueError, match=r"image_seq_len=256.*64 tokens"):
+        ACPOModule(
+            denoiser=_denoiser(),
+            quality_head=T.TinyQualityHead(),
+            vae=tiny.tiny_flux_vae(),
+            process=FlowProcess(tiny.tiny_flux_scheduler(), image_seq_len=256),
+        )

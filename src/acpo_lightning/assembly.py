@@ -126,6 +126,16 @@ def _check_process_fits(
             f"{type(getattr(process, 'noise_scheduler', None)).__name__}; use {fix} from the same "
             "model folder."
         )
+    seq_len = getattr(process, "image_seq_len", None)
+    if seq_len is not None and process.noise_scheduler.config.get("use_dynamic_shifting"):
+        _, height, width = denoiser.latent_shape()
+        tokens = (height // 2) * (width // 2)  # 2x2 latent patches (SD3, FLUX)
+        if seq_len != tokens:
+            raise ValueError(
+                f"the process shifts its sigmas for image_seq_len={seq_len}, but {name} samples "
+                f"{height}x{width} latents: {tokens} tokens. Set the process's image_seq_len to "
+                f"{tokens} (or the denoiser's resolution to the size you train at)."
+            )
     if is_flow_scheduler(sampler) != (process.kind == "flow"):
         raise ValueError(
             f"sample_scheduler {type(sampler).__name__} does not sample a {process.kind} model "
