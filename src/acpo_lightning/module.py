@@ -33,8 +33,8 @@ from acpo_lightning.scoring import PerceptualScorer
 __all__ = ["ACPOModule", "NonFiniteTrainingError"]
 
 #: arguments that carry networks and callables: not hyperparameters
-_NETWORK_ARGUMENTS = ("unet", "quality_head", "noise_scheduler", "vae", "text_encoder", "tokenizer")
-_NETWORK_ARGUMENTS += ("anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler", "perceptual_decoder")
+_NETWORK_ARGUMENTS = ("unet", "quality_head", "noise_scheduler", "vae", "text_encoder", "tokenizer",
+    "anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler", "perceptual_decoder")  # fmt: skip
 
 
 class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
