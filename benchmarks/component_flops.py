@@ -76,10 +76,13 @@ def parts(
     measure=count,
     backbone: str = "sd15",
     scale: float = 1.0,
+    margin: int = 4,
 ) -> dict[str, float]:
     """Each part's cost: GFLOP (``measure=count``, on the meta device) or seconds (a timer).
 
-    The decoder and head parts are for ``scored`` images; the denoiser parts for ``batch``. SD-1.5
+    The decoder and head parts are for ``scored`` images; the denoiser parts for ``batch``. The
+    ``*_crop_*`` parts decode the latent window of one head-sized crop per scored image with
+    ``margin`` latents on each side (``PerceptualCrop``) and score the crop as it is. SD-1.5
     also counts its CLIP-L text tower; the big backbones' text encoders (CLIP-L/bigG, T5-XXL) are
     left out: with their embeddings cached, as one trains them, a step never runs them.
     """
@@ -99,14 +102,20 @@ def parts(
         scored_latents = torch.randn(
             scored, spec.latent_channels, latent, latent, requires_grad=True
         )
+        crop, window = head_size, min(latent, head_size // 8 + 2 * margin)
+        window_latents = torch.randn(
+            scored, spec.latent_channels, window, window, requires_grad=True
+        )
         if spec.name == "sd15":
             from transformers import CLIPTextConfig, CLIPTextModel
 
             text = CLIPTextModel(CLIPTextConfig()).requires_grad_(False)  # CLIP ViT-L/14 text
             tokens = torch.randint(0, 49408, (batch, 77))
     if device != "meta":  # timed as configs/acpo.yaml trains: checkpointed denoiser and decoders
-        for part in (net, vae, taesd):
-            part.enable_gradient_checkpointing()
+        from acpo_lightning.codec import checkpoint_resnets
+
+        for part in (net, vae, taesd):  # the VAE decoder one ResNet block at a time, as ACPO does
+            part.enable_gradient_checkpointing(checkpoint_resnets)
         net.train()
 
     def lora_step() -> None:
@@ -120,6 +129,10 @@ def parts(
         image = (decoder.decode(scored_latents).sample / 2 + 0.5).clamp(0, 1)
         image = torch.nn.functional.interpolate(image, size=head_size, mode="bilinear")
         head(image).sum().backward()
+
+    def decode_crop_and_score(decoder) -> None:
+        image = (decoder.decode(window_latents).sample / 2 + 0.5).clamp(0, 1)
+        head(image[..., :crop, :crop]).sum().backward()  # a crop at native size: no resize
 
     def head_only() -> None:
         image = torch.rand(scored, 3, head_size, head_size, device=device, requires_grad=True)
@@ -138,6 +151,12 @@ def parts(
         "vae_decode_fwd_bwd": measure(lambda: decode_and_score(vae)) - head_cost,
         "taesd_decode_fwd_bwd": measure(lambda: decode_and_score(taesd)) - head_cost,
     }
+    if head_size < latent * 8:
+        costs["vae_crop_decode_fwd_bwd"] = measure(lambda: decode_crop_and_score(vae)) - head_cost
+        costs["taesd_crop_decode_fwd_bwd"] = (
+            measure(lambda: decode_crop_and_score(taesd)) - head_cost
+        )
+
     return {k: v for k, v in costs.items() if v is not None}
 
 
@@ -154,6 +173,11 @@ def step_totals(p: dict[str, float], taesd: str = "TAESD", per_scored: float = 1
         "ACPO, VAE decoder": plain + extra + per_scored * p["vae_decode_fwd_bwd"],
         f"ACPO, {taesd} decoder": plain + extra + per_scored * p["taesd_decode_fwd_bwd"],
     }
+    if "vae_crop_decode_fwd_bwd" in p:  # a crop scores at 224 px as the resized image does
+        steps["ACPO, VAE decoder, crop"] = plain + extra + per_scored * p["vae_crop_decode_fwd_bwd"]
+        steps[f"ACPO, {taesd} decoder, crop"] = (
+            plain + extra + per_scored * p["taesd_crop_decode_fwd_bwd"]
+        )
     cached = {f"{k}, cached latents": v - p["vae_encode"] for k, v in steps.items()}
     return {**steps, **cached}
 
@@ -180,6 +204,9 @@ def main() -> None:
         "--latent", type=int, default=None, help="latent side (default: native, 64 = 512 px)"
     )
     parser.add_argument("--head-size", type=int, default=224, help="quality head input side")
+    parser.add_argument(
+        "--crop-margin", type=int, default=4, help="latents decoded around a head-sized crop"
+    )
     parser.add_argument("--time", action="store_true", help="also time each part on --device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="width multiplier (timing)")
@@ -214,7 +241,10 @@ def run(spec, batch: int, args: argparse.Namespace) -> dict:
         f"(share {args.share}), LoRA r16 on {', '.join(spec.lora_targets)}, ResNet-50 head at "
         f"{args.head_size} px, {text}; per step\n"
     )
-    flops = parts(batch, counted, args.latent, args.head_size, backbone=spec.name, scale=args.scale)
+    flops = parts(
+        batch, counted, args.latent, args.head_size, backbone=spec.name, scale=args.scale,
+        margin=args.crop_margin,
+    )  # fmt: skip
     row = {"scored": scored, "parts_scored_images": counted, "parts": flops}
     row["steps"] = print_table(flops, "GFLOP", step_totals(flops, spec.taesd, scored / counted))
     if scored == 0:  # say what the library does (no perceptual term) and what one image costs
@@ -234,6 +264,7 @@ def run(spec, batch: int, args: argparse.Namespace) -> dict:
             timer(args.repeats, device),
             spec.name,
             args.scale,
+            args.crop_margin,
         )
         machine = (
             torch.cuda.get_device_name()

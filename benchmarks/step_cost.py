@@ -48,6 +48,15 @@ VARIANTS = {
     "acpo_toggle_share0.25_taesd": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True
     ),
+    # before issue 18: the whole image decoded, the decoder checkpointed one up-block at a time
+    "acpo_toggle_share0.25_block_ckpt": dict(
+        w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, block_ckpt=True
+    ),
+    # a head-sized crop at native resolution (``--crop``), only its latent window decoded
+    "acpo_toggle_share0.25_crop": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, crop=True),
+    "acpo_toggle_share0.25_taesd_crop": dict(
+        w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True, crop=True
+    ),
     # latents cached by `acpo cache-latents`: batches carry the VAE posterior, not the pixels
     "plain_lora_cached": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0, cached=True),
     "acpo_toggle_share0.25_taesd_cached": dict(
@@ -135,6 +144,7 @@ def build(args: argparse.Namespace, spec: dict):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from acpo_lightning import ACPOModule
+    from acpo_lightning.crops import PerceptualCrop
     from acpo_lightning.models import add_lora
     from acpo_lightning.testing import tiny_scheduler, write_tiny_tokenizer
 
@@ -160,9 +170,12 @@ def build(args: argparse.Namespace, spec: dict):
     tokenizer = CLIPTokenizer.from_pretrained(
         str(write_tiny_tokenizer(Path(args.out) / "tokenizer"))
     )
-    knobs = {k: v for k, v in spec.items() if k not in {"separate", "draft", "taesd", "cached"}}
+    flags = {"separate", "draft", "taesd", "cached", "crop", "block_ckpt"}
+    knobs = {k: v for k, v in spec.items() if k not in flags}
     if spec.get("taesd"):
         knobs["perceptual_decoder"] = taesd(args.scale).to(dtype)
+    if spec.get("crop"):
+        knobs["perceptual_crop"] = PerceptualCrop(args.crop, margin=args.crop_margin)
     module = ACPOModule(
         unet=unet,
         anchor_unet=anchor,
@@ -176,6 +189,8 @@ def build(args: argparse.Namespace, spec: dict):
     ).to(args.device)
     if args.checkpointing:
         module.enable_gradient_checkpointing()
+        if spec.get("block_ckpt"):  # diffusers' own: one checkpoint per up-block
+            module.vae.enable_gradient_checkpointing()
     return module
 
 
@@ -392,6 +407,19 @@ def main() -> None:
     parser.add_argument(
         "--head-size", type=int, default=224, help="native input side of the IQA head"
     )
+    parser.add_argument(
+        "--crop",
+        type=int,
+        default=None,
+        help="crop side of the *_crop variants (default: the head's 224 px scaled by image/512, "
+        "so that the crop covers the share of the image a 224-px crop covers at 512 px)",
+    )
+    parser.add_argument(
+        "--crop-margin",
+        type=int,
+        default=None,
+        help="latents decoded around a crop (default: 4 scaled by image/512, as for --crop)",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -420,6 +448,11 @@ def main() -> None:
     target = run_raw_variant if raw else run_variant
     if args.quick:
         args.scale, args.latent, args.head_size = 0.1, 16, 112
+    # a 224-px crop with a 4-latent margin at 512 px, scaled: the same share of the decoder's work
+    if args.crop is None:
+        args.crop = max(8, round(224 * args.latent / 64 / 8) * 8)
+    if args.crop_margin is None:
+        args.crop_margin = round(4 * args.latent / 64)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     runs: dict[str, list[dict]] = {name: [] for name in args.variants}

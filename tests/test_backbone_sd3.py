@@ -51,9 +51,9 @@ def _module(lora_init: bool = True, t5: bool = True, **kwargs) -> ACPOModule:
     kwargs.setdefault("num_inference_steps", 2)
     kwargs.setdefault("guidance_scale", 4.5)
     kwargs.setdefault("noise_scheduler", tiny.tiny_sd3_scheduler())
+    kwargs.setdefault("quality_head", T.TinyQualityHead())
     return ACPOModule(
         denoiser=_denoiser(lora_init, t5),
-        quality_head=T.TinyQualityHead(),
         vae=tiny.tiny_sd3_vae(),
         **kwargs,
     )
@@ -362,6 +362,7 @@ def test_sd35_yaml_real_loaders_bf16_on_a_local_repository(tmp_path, monkeypatch
             "vae": local,
             "quality_head": {"class_path": "acpo_lightning.testing.TinyQualityHead"},
             "perceptual_share": 0.5,
+            "perceptual_crop": 8,  # sd35.yaml's 224 px, on the tiny 16-px images
         },
         "data": {"class_path": "acpo_lightning.data.ShapesDataModule", "init_args": {
             "train_size": 4, "val_size": 2, "image_size": SIZE, "batch_size": 2,

@@ -60,9 +60,12 @@ def test_flop_counter_runs_on_a_tiny_backbone(name: str) -> None:
     flops = component_flops.parts(2, 1, 8, 32, backbone=name, scale=0.04)
     assert set(flops) == {
         "vae_encode", "denoiser_lora_fwd_bwd", "anchor_fwd", "head_fwd_bwd",
-        "vae_decode_fwd_bwd", "taesd_decode_fwd_bwd",
+        "vae_decode_fwd_bwd", "taesd_decode_fwd_bwd", "vae_crop_decode_fwd_bwd",
+        "taesd_crop_decode_fwd_bwd",
     }  # fmt: skip
     assert all(v > 0 for v in flops.values())
+    # a 32-px crop of 64-px images: a window of 4 + 2 x 4 latents of 8 is the whole image here
+    assert flops["vae_crop_decode_fwd_bwd"] <= flops["vae_decode_fwd_bwd"]
     assert flops["anchor_fwd"] < flops["denoiser_lora_fwd_bwd"]
     steps = component_flops.step_totals(flops, per_scored=0.0)  # nothing scored: anchor only
     added = steps["ACPO, VAE decoder, cached latents"] - steps["plain LoRA, cached latents"]

@@ -242,6 +242,7 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(lean, tmp_path, monke
                     "tokenizer": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
                     "noise_scheduler": {"init_args": {"pretrained_model_name_or_path": str(repo)}},
                     "quality_head": {"class_path": "acpo_lightning.testing.TinyQualityHead"},
+                    "perceptual_crop": 16,  # acpo.yaml's 224 px, on the tiny 32-px images
                     "num_inference_steps": 2,
                 },
                 "data": {

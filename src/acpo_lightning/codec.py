@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from acpo_lightning.data.cache_checks import check_latent_moments_shape
 
@@ -97,9 +98,34 @@ class LatentCodec:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoders' activations in the backward pass, one ResNet block at a time.
+
+        diffusers checkpoints a VAE decoder one up-block at a time; its backward then holds a
+        whole up-block's activations at once. :func:`checkpoint_resnets` splits each up-block
+        into its ResNet blocks and upsampler.
+        """
         for part in (self.vae, self.perceptual_decoder):
             if part is not None and hasattr(part, "enable_gradient_checkpointing"):
-                part.enable_gradient_checkpointing()
+                part.enable_gradient_checkpointing(checkpoint_resnets)
+
+
+def checkpoint_resnets(block: nn.Module, *args: Tensor | None) -> Tensor:
+    """A diffusers ``gradient_checkpointing_func``: an up-block's ResNets one checkpoint each.
+
+    ``UpDecoderBlock2D`` (the up-blocks of the KL VAE's decoder) runs as its ``forward`` does, its
+    ResNet blocks and upsampler each under its own checkpoint; any other block (the mid-block with
+    its attention, at the latent resolution) is checkpointed whole, as diffusers does.
+    """
+    from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
+
+    if type(block) is not UpDecoderBlock2D:
+        return checkpoint(block.__call__, *args, use_reentrant=False)
+    hidden, temb = args[0], args[1] if len(args) > 1 else None
+    for resnet in block.resnets:
+        hidden = checkpoint(resnet.__call__, hidden, temb, use_reentrant=False)
+    for upsampler in block.upsamplers or []:
+        hidden = checkpoint(upsampler.__call__, hidden, use_reentrant=False)
+    return hidden
 
 
 def _check_latent_channels(

@@ -20,6 +20,7 @@ from acpo_lightning.assembly import PART_KNOBS, assemble
 from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
 from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
+from acpo_lightning.crops import PerceptualCrop, as_crop
 from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
@@ -87,6 +88,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         skip_nonfinite: skip optimizer steps with a non-finite loss or gradient (``guard``).
         max_consecutive_skips: stop after this many consecutive skipped steps.
         perceptual_decoder: a cheaper frozen decoder for the perceptual path only (TAESD).
+        perceptual_crop: score crops at native resolution (a side in pixels, or a
+            ``crops.PerceptualCrop``), decoding a latent window each; ``None``: whole images.
         process: a ``processes.DiffusionProcess`` instead of ``noise_scheduler``/``tau``/``t_min``.
         denoiser: a ``denoisers.Denoiser`` instead of ``unet`` and its text encoder.
         anchor_weight: an ``anchor_weight.AnchorWeight`` instead of its flat knobs.
@@ -145,6 +148,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         skip_nonfinite: bool = True,
         max_consecutive_skips: int = 10,
         perceptual_decoder: nn.Module | None = None,
+        perceptual_crop: int | PerceptualCrop | None = None,
         process: DiffusionProcess | None = None,
         denoiser: Denoiser | None = None,
         anchor_weight: AnchorWeight | None = None,
@@ -153,7 +157,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     ) -> None:
         super().__init__()
         knobs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS])
+        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS, "perceptual_crop"])
         parts = assemble(knobs, _DEFAULTS)
         self.process, self.denoiser, self.guard = parts.process, parts.denoiser, parts.guard
         self.sample_scheduler, self.objectives = parts.sample_scheduler, parts.objectives
@@ -162,7 +166,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             setattr(self, name, network)  # registered under its own name: stable state-dict keys
         self.quality_head, self.vae, self.perceptual_decoder = quality_head, vae, perceptual_decoder
         self.noise_scheduler, self.tokenizer = noise_scheduler, tokenizer  # as given, for reloads
-        self.codec  # noqa: B018  (validates the decoders now)
+        # image_size builds the codec: this validates the decoders now
+        self.perceptual_crop = as_crop(perceptual_crop, self.image_size, self.codec.scale_factor)
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         for frozen in self.frozen_modules():
             frozen.requires_grad_(False).eval()
@@ -189,18 +194,15 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        """Check a latent cache against this VAE (and, when it holds prompt embeddings, against
-        the text encoders, installing its empty-prompt conditioning), and the quality head on a
-        probe batch.
-
-        Also makes the Trainer write checkpoints atomically and load them with
-        ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`).
-        """
+        """Check a latent cache against this VAE and text encoders (installing its empty-prompt
+        conditioning), probe the quality head, and make checkpoints atomic and loaded with
+        ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`)."""
         if self._trainer is not None:
             use_safe_checkpoint_io(self.trainer)
             datamodule = getattr(self.trainer, "datamodule", None)
             check_latent_cache(datamodule, self.vae, self.codec.moments_shape, self.denoiser)
-        check_quality_head(self.quality_head, self.image_size, self.device)
+        crop = self.perceptual_crop
+        check_quality_head(self.quality_head, crop.shape if crop else self.image_size, self.device)
         if self.gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -217,8 +219,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
 
     @property
     def scorer(self) -> PerceptualScorer:
-        """Decode-and-score with the current quality head."""
-        return PerceptualScorer(self.quality_head, self.codec, self._checkpoint_head)
+        """Decode-and-score with the current quality head (and crop)."""
+        crop, head = self.perceptual_crop, self.quality_head
+        return PerceptualScorer(head, self.codec, self._checkpoint_head, crop)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -232,9 +235,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
 
     def context(self) -> ObjectiveContext:
         """The parts an objective step sees, as they are now (device, mode, anchor weight)."""
-        weight = self.anchor_weight
+        weight, scorer = self.anchor_weight, self.scorer
         return ObjectiveContext(
-            self.process, self.denoiser, self.codec, self.scorer, self.sample_scheduler,
+            self.process, self.denoiser, scorer.codec, scorer, self.sample_scheduler,
             self.device, self.training, weight.current(), weight.active, self.guidance_scale,
         )  # fmt: skip
 
@@ -329,20 +332,14 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Generate one image per prompt, seeded ``seed + index`` by the prompt's position.
 
-        The position is the batch's ``indices`` (the project's prediction loaders carry them).
-        Without them it is inferred for Lightning's (distributed) sampler without shuffling:
-        item ``i`` of batch ``b`` on rank ``r`` of ``W`` is ``(b * batch_size + i) * W + r``.
+        The position is the batch's ``indices`` (the project's prediction loaders carry them), else
+        ``seeding.prediction_indices`` infers it for Lightning's sampler without shuffling.
         """
         prompts = list(batch["prompts"])
         indices = batch.get("indices")
         if indices is None:
-            trainer = self._trainer
-            loaders = trainer.predict_dataloaders if trainer is not None else None
-            loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-            size = getattr(loader, "batch_size", None) or len(prompts)
-            world = trainer.world_size if trainer is not None else 1
-            indices = seeding.sampler_indices(
-                batch_idx, size, len(prompts), world, self.global_rank
+            indices = seeding.prediction_indices(
+                self._trainer, dataloader_idx, batch_idx, len(prompts), self.global_rank
             )
         seeds = [self.seed + int(index) for index in indices]
         return {"prompts": prompts, "images": self.generate(prompts, seed=seeds), "seeds": seeds}
@@ -356,14 +353,11 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
         """Step through the non-finite guard; then, on a taken step, one dual-ascent step."""
-        scaler = reduce_sum = reduce_mean = None
-        if self._trainer is not None:
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            scaler = scaler if scaler is not None and scaler.is_enabled() else None
-            if self.trainer.world_size > 1:
-                strategy = self.trainer.strategy
-                reduce_sum = lambda t: strategy.reduce(t, reduce_op="sum")  # noqa: E731
-                reduce_mean = lambda t: strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        scaler, reduce_sum, reduce_mean = self._amp_scaler(), None, None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            reduce_sum = lambda t: strategy.reduce(t, reduce_op="sum")  # noqa: E731
+            reduce_mean = lambda t: strategy.reduce(t, reduce_op="mean")  # noqa: E731
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         stepped = self.guard.step(
             optimizer, optimizer_closure, trainable, lambda: self._step_terms, scaler, reduce_sum,
@@ -371,11 +365,15 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         )  # fmt: skip
         self.anchor_weight.finish_step(stepped, reduce_mean)
 
+    def _amp_scaler(self) -> Any:
+        """The trainer's enabled AMP gradient scaler, or ``None``."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.guard.enabled:
             self.log("train/skipped_steps", self.guard.skipped_steps.float(), on_step=True)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
-        if scaler is not None and scaler.is_enabled():
+        if self._amp_scaler() is not None:
             self.log("train/overflow_steps", self.guard.overflow_steps.float(), on_step=True)
 
     # ------------------------------------------------------------------ generation

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
@@ -36,3 +38,15 @@ def sampler_indices(
         [5, 7]
     """
     return [(batch_idx * batch_size + i) * world + rank for i in range(count)]
+
+
+def prediction_indices(
+    trainer: Any, dataloader_idx: int, batch_idx: int, count: int, rank: int
+) -> list[int]:
+    """:func:`sampler_indices` of a prediction batch, with the batch size and world size of
+    ``trainer``'s prediction loader (``count`` and a single process without a trainer)."""
+    loaders = trainer.predict_dataloaders if trainer is not None else None
+    loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
+    size = getattr(loader, "batch_size", None) or count
+    world = trainer.world_size if trainer is not None else 1
+    return sampler_indices(batch_idx, size, count, world, rank)

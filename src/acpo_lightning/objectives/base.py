@@ -25,7 +25,8 @@ class ObjectiveContext:
         process: noising, targets, x0 recovery and the gate.
         denoiser: the policy, the anchor and their conditioning.
         codec: images and cached posteriors to the denoiser's input space.
-        score: decode-and-score, ``(x0_hat, prompts) -> [B]`` normalized scores.
+        score: decode-and-score, ``(x0_hat, prompts, generator) -> [B]`` normalized scores (the
+            generator draws crop positions).
         sampler: the scheduler rollouts sample with.
         device: where the step runs.
         training: whether the step trains (prompt dropout applies).
@@ -37,7 +38,7 @@ class ObjectiveContext:
     process: DiffusionProcess
     denoiser: Denoiser
     codec: LatentCodec
-    score: Callable[[Tensor, Sequence[str] | None], Tensor]
+    score: Callable[[Tensor, Sequence[str] | None, torch.Generator], Tensor]
     sampler: SchedulerMixin
     device: torch.device
     training: bool

@@ -65,7 +65,7 @@ class DataObjective:
             x0_hat = ctx.process.predicted_original(
                 noisy[:count], pred[:count].float(), times[:count]
             )
-            scores = ctx.score(x0_hat, prompts[:count] if prompts is not None else None)
+            scores = ctx.score(x0_hat, prompts[:count] if prompts is not None else None, generator)
             gate = ctx.process.gate(times[:count])
         terms = losses.acpo_objective(diff, anchor, scores, gate, w_diff, ctx.w_anchor, w_perc)
         return terms, {"perc_share": count / size}

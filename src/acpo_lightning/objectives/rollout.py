@@ -139,7 +139,7 @@ class RolloutObjective:
             anchor = pred.new_zeros((), dtype=torch.float32)
         timesteps = timestep.expand(count)
         x0_hat = ctx.process.predicted_original(latents, pred.float(), timesteps, run)
-        scores = ctx.score(x0_hat, prompts)
+        scores = ctx.score(x0_hat, prompts, generator)
         perc = losses.perceptual_loss(scores, ctx.process.gate(timesteps))
         return RolloutTerms(
             anchor=anchor, perc=perc, iqa=scores.detach().mean(), timestep=timestep.float()
