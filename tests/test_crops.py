@@ -3,6 +3,7 @@ the scorer and both objectives on crops (VP and flow), bad sizes, and per-ResNet
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -56,7 +57,8 @@ def test_windows_hold_their_crop_with_the_margin_or_the_image_border() -> None:
     start = origin - inner  # the window's first latent
     assert ((origin >= 0) & (origin + 4 <= 16)).all()
     # each side keeps >= margin latents, or the window reaches the image border there
-    assert ((inner >= 3) | (start == 0)).all() and ((10 - inner - 4 >= 3) | (start + 10 == 16)).all()
+    assert ((inner >= 3) | (start == 0)).all()
+    assert ((10 - inner - 4 >= 3) | (start + 10 == 16)).all()
     for n in range(15):  # the windows are the latents at those places
         i, r, c = int(crops.image[n]), int(start[0, n]), int(start[1, n])
         assert torch.equal(crops.latents[n], latents[i, :, r : r + 10, c : c + 10])
@@ -235,7 +237,7 @@ def test_the_decoder_is_checkpointed_one_resnet_at_a_time_with_the_same_gradient
     torch.testing.assert_close(block_grad, plain, atol=TOL, rtol=0)
 
     def back_to_back_recomputes(events: list[str]) -> int:
-        return sum(a[0] == b[0] == "F" for a, b in zip(events, events[1:], strict=False))
+        return sum(a[0] == b[0] == "F" for a, b in itertools.pairwise(events))
 
     assert back_to_back_recomputes(block_events) > 0  # diffusers: a whole up-block at once
     assert back_to_back_recomputes(resnet_events) == 0
