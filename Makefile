@@ -74,9 +74,10 @@ pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from s
 	$(PY) -m acpo_demo.pretrain guidance --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain check --out $(DEMO_WEIGHTS)
 
-bench: install  ## step-cost benchmark, the README's table (about 21 min on 2 CPU cores; writes outputs/bench/)
-	$(PY) benchmarks/step_cost.py --rounds 2 --variants plain_lora acpo_toggle_share0.25 \
-		acpo_toggle_share0.25_taesd acpo_separate_anchor_share0.25
+bench: install  ## step-cost benchmark, the README's table (about 30 min on 2 CPU cores; writes outputs/bench/)
+	$(PY) benchmarks/step_cost.py --rounds 2 --variants plain_lora acpo_toggle_share0.25_block_ckpt \
+		acpo_toggle_share0.25 acpo_toggle_share0.25_crop acpo_toggle_share0.25_taesd \
+		acpo_toggle_share0.25_taesd_crop
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests benchmarks

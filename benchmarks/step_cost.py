@@ -75,6 +75,7 @@ RAW_VARIANTS = {
     "plain_lora": dict(anchor=False, decoder=None),
     "acpo": dict(anchor=True, decoder="vae"),
     "acpo_taesd": dict(anchor=True, decoder="taesd"),
+    "acpo_crop": dict(anchor=True, decoder="vae", crop=True),
 }
 
 
@@ -310,7 +311,12 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
             if scored:  # an affine x0 estimate costs what the process's own does
                 x0 = spec.prediction_latents(noisy[:scored] - pred[:scored], args.latent)
                 decoder = decoders[variant["decoder"]]
+                if variant.get("crop"):  # a crop's latent window (PerceptualCrop), then the crop
+                    side = min(args.latent, args.crop // 8 + 2 * args.crop_margin)
+                    x0 = x0[..., :side, :side]
                 image = (decoder.decode(x0.to(noisy.dtype)).sample / 2 + 0.5).clamp(0, 1)
+                if variant.get("crop"):
+                    image = image[..., : args.crop, : args.crop]
                 loss = loss - 0.1 * head(image).float().mean()
         loss.backward()
         optimizer.step()
@@ -411,14 +417,15 @@ def main() -> None:
         "--crop",
         type=int,
         default=None,
-        help="crop side of the *_crop variants (default: the head's 224 px scaled by image/512, "
-        "so that the crop covers the share of the image a 224-px crop covers at 512 px)",
+        help="crop side of the *_crop variants (default: the head's 224 px scaled by the image "
+        "side over the native one, 512 px or 1024 px for --backbone, so that the crop covers "
+        "the share of the image a 224-px crop covers at the native size)",
     )
     parser.add_argument(
         "--crop-margin",
         type=int,
         default=None,
-        help="latents decoded around a crop (default: 4 scaled by image/512, as for --crop)",
+        help="latents decoded around a crop (default: 4, scaled as --crop is)",
     )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
@@ -448,11 +455,13 @@ def main() -> None:
     target = run_raw_variant if raw else run_variant
     if args.quick:
         args.scale, args.latent, args.head_size = 0.1, 16, 112
-    # a 224-px crop with a 4-latent margin at 512 px, scaled: the same share of the decoder's work
+    # a 224-px crop with a 4-latent margin at the native size (512 px; 1024 px for the big
+    # backbones), scaled with the image: the crop's window keeps its share of the decoder's work
+    native = 128 if raw else 64
     if args.crop is None:
-        args.crop = max(8, round(224 * args.latent / 64 / 8) * 8)
+        args.crop = max(8, round(224 * args.latent / native / 8) * 8)
     if args.crop_margin is None:
-        args.crop_margin = round(4 * args.latent / 64)
+        args.crop_margin = round(4 * args.latent / native)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     runs: dict[str, list[dict]] = {name: [] for name in args.variants}

@@ -281,3 +281,21 @@ def test_acpo_yaml_real_loaders_bf16_on_a_local_repository(lean, tmp_path, monke
     )
     assert all("lora_" in k or k in module.trained_state_keys() for k in state["state_dict"])
     assert not any(k.startswith("perceptual_decoder") for k in state["state_dict"])
+
+
+def test_perceptual_crop_in_its_class_form_trains(tmp_path, monkeypatch) -> None:
+    """``perceptual_crop`` as ``class_path: acpo_lightning.crops.PerceptualCrop`` (several crops per
+    image, another margin) reaches the module; an int stays a 1-crop ``PerceptualCrop``."""
+    monkeypatch.chdir(tmp_path)
+    overlay = tmp_path / "crops.yaml"
+    crop = {"class_path": "acpo_lightning.crops.PerceptualCrop"}
+    crop["init_args"] = {"size": 8, "count": 3, "margin": 1}
+    overlay.write_text(yaml.safe_dump({"model": {"perceptual_crop": crop}}))
+    cli = build_cli(
+        ["fit", *_config_args("tiny.yaml"), "--config", str(overlay), "--trainer.max_steps", "1"]
+    )
+    spec = cli.model.perceptual_crop
+    assert (spec.size, spec.count, spec.margin) == (8, 3, 1) and cli.trainer.global_step == 1
+    cli = build_cli(["fit", *_config_args("tiny.yaml"), "--trainer.max_steps", "1"])
+    spec = cli.model.perceptual_crop
+    assert (spec.size, spec.count, spec.margin) == (16, 1, 4)  # configs/tiny.yaml: 16

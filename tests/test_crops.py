@@ -120,6 +120,16 @@ def test_a_crop_as_large_as_the_image_is_the_whole_image_path() -> None:
     assert torch.equal(whole, cropped)
 
 
+def test_windows_as_large_as_the_image_decode_each_image_once() -> None:
+    codec, latents = LatentCodec(T.tiny_vae(), None, (4, 16, 16)), _latents()
+    crops = PerceptualCrop(8, count=3, margin=6).windows(latents, 2, torch.Generator())
+    assert crops.latents is latents  # 4 + 2 x 6 latents >= 16: no window, the whole latents
+    with torch.no_grad():
+        whole = codec.decode(latents)
+        assert torch.equal(crops.pixels(whole), crops.of_whole(whole))
+    assert crops.pixels(whole).shape == (6, 3, 8, 8)
+
+
 def test_several_crops_per_image_score_the_mean_with_the_prompt_repeated() -> None:
     head = RecordingHead()
     codec, latents = _taesd_codec(), _latents()

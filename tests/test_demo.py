@@ -230,6 +230,38 @@ def test_demo_config_fits_a_few_rollout_steps_and_exports_the_lora(tiny_fashion,
     assert rank == 8 and {"to_q", "conv1"} <= set(targets)
 
 
+def test_the_demos_head_sized_crop_is_its_whole_image_path() -> None:
+    """The demo's images are 32 px and its guidance head takes 32 px: its head-sized crop is the
+    whole image, and the data and rollout terms with ``perceptual_crop: 32`` equal those without,
+    bit for bit. A smaller crop would be upsampled into the head's blur range (another signal)."""
+    import acpo_demo as demo
+    from acpo_lightning import ACPOModule
+    from acpo_lightning.models import add_lora
+
+    def module(crop):
+        torch.manual_seed(0)
+        unet = add_lora(demo.load_demo_unet(), rank=8, init_lora_weights=False)
+        return ACPOModule(
+            unet=unet, quality_head=demo.load_demo_guidance_head(),
+            noise_scheduler=demo.load_demo_scheduler(), sample_scheduler=demo.load_demo_sampler(),
+            vae=demo.load_demo_vae(), text_encoder=demo.load_minilm(),
+            tokenizer=demo.load_minilm_tokenizer(), max_prompt_length=16, w_perc=1.0,
+            perceptual_share=0.5, rollout_steps=3, k_late=2, perceptual_crop=crop,
+        ).train()  # fmt: skip
+
+    prompts = [caption(label) for label in range(4)]
+    batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "prompts": prompts}
+    results = []
+    for crop in (None, 32, 16):
+        m = module(crop)
+        terms, _ = m.compute_terms(batch, torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(1)
+        roll = m.objectives.rollout.terms(m.context(), prompts[:2], 2, generator)
+        results.append((terms.perc, roll.perc))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1], strict=True))
+    assert not torch.equal(results[2][0], results[0][0])  # a 16-px crop is scored differently
+
+
 # ---------------------------------------------------------------------------------- evaluation
 def test_heldout_evaluation_prompts_cover_every_class_with_unseen_wordings() -> None:
     from acpo_demo.evaluate import heldout_prompts

@@ -31,10 +31,10 @@ class PerceptualCrop:
         size: side of a square crop in pixels, at the decoded image's own resolution; a multiple of
             the VAE's scale factor (8 for SD, SDXL, SD3 and FLUX: e.g. 224 for MANIQA-class heads).
         count: crops per image; an image's score is the mean of its crops' scores.
-        margin: latents decoded beyond each side of a crop (clipped at the image border, where the
-            full decode sees the same padding). The default, 4 (32 px at 8x), is the smallest
-            margin measured to keep the SD-layout decoder's crop within one 8-bit level of the
-            full decode (README, "Crops at native resolution").
+        margin: latents decoded beyond each side of a crop (the window is shifted inward at the
+            image border, where the full decode sees the same padding). The default, 4 (32 px at
+            8x), is where the SD-layout decoder's measured difference from the full decode stops
+            falling fast (``benchmarks/crop_margin.py``; README, "Crops at native resolution").
     """
 
     def __init__(self, size: int, count: int = 1, margin: int = 4) -> None:
@@ -87,11 +87,12 @@ class PerceptualCrop:
         # shift a window inward at the border: the crop keeps >= margin latents on each inner side
         row0 = (top - self.margin).clamp(0, height - window_h)
         col0 = (left - self.margin).clamp(0, width - window_w)
-        if window_h == height and window_w == width and self.count == 1:
-            cut = latents  # the window is the whole latent: decode it as it is
-        else:
-            cut = _gather(latents, image, row0, col0, window_h, window_w)
-        return Crops(cut, image, top * scale_factor, left * scale_factor,
+        top_px, left_px = top * scale_factor, left * scale_factor
+        if window_h == height and window_w == width:  # a window is the whole latent: decode
+            return Crops(latents, image, top_px, left_px, image, top_px, left_px, self)  # each once
+        cut = _gather(latents, image, row0, col0, window_h, window_w)
+        window = torch.arange(n, device=latents.device)
+        return Crops(cut, image, top_px, left_px, window,
                      (top - row0) * scale_factor, (left - col0) * scale_factor, self)  # fmt: skip
 
 
@@ -114,17 +115,19 @@ class Crops:
     """Latent windows, and where each crop lies: in its image and in its decoded window (pixels).
 
     Attributes:
-        latents: the windows ``[B * count, C, h, w]`` to decode.
+        latents: the windows to decode: ``[B * count, C, h, w]``, or the whole latents ``[B, ...]``
+            when a window would cover the whole image (each image is then decoded once).
         image: the image index of each crop.
         origin_top, origin_left: the crop's top-left pixel in the whole image.
+        window: the row of ``latents`` each crop is cut from.
         top, left: the crop's top-left pixel in its decoded window.
     """
 
     def __init__(
         self, latents: Tensor, image: Tensor, origin_top: Tensor, origin_left: Tensor,
-        top: Tensor, left: Tensor, spec: PerceptualCrop,
+        window: Tensor, top: Tensor, left: Tensor, spec: PerceptualCrop,
     ) -> None:  # fmt: skip
-        self.latents, self.image, self.spec = latents, image, spec
+        self.latents, self.image, self.window, self.spec = latents, image, window, spec
         self.origin_top, self.origin_left, self.top, self.left = origin_top, origin_left, top, left
 
     def of_whole(self, images: Tensor) -> Tensor:
@@ -135,10 +138,9 @@ class Crops:
     def pixels(self, images: Tensor) -> Tensor:
         """The crops ``[B * count, 3, size, size]`` of the decoded windows ``images``."""
         size = self.spec.size
-        if images.shape[-2:] == (size, size):
-            return images
-        index = torch.arange(images.shape[0], device=images.device)
-        return _gather(images, index, self.top, self.left, size, size)
+        if images.shape[-2:] == (size, size) and len(images) == len(self.window):
+            return images  # one crop per image, the whole image
+        return _gather(images, self.window, self.top, self.left, size, size)
 
     def per_image(self, scores: Tensor) -> Tensor:
         """Crop scores ``[B * count]`` to image scores ``[B]`` (the mean over an image's crops)."""
