@@ -1,0 +1,103 @@
+"""Over-optimization, visible and controllable: the proxy and a held-out head scored on the same
+generated images, and the LoRA kept at the best held-out value (with early stopping)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from acpo_lightning import testing as T
+from acpo_lightning.callbacks import BestLoRACallback, QualityHeadCallback
+from acpo_lightning.data import ShapesDataModule
+from conftest import make_module
+
+
+class Scripted(Callback):
+    """Log ``val/heldout_iqa`` from a script at each step (a new tensor each time, as an
+    evaluation pass does) and export the LoRA of every step, to compare with the kept one."""
+
+    def __init__(self, values: list[float], folder) -> None:
+        self.values, self.folder = values, folder
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        step = trainer.global_step
+        trainer.callback_metrics["val/heldout_iqa"] = torch.tensor(self.values[step - 1])
+        pl_module.save_lora(self.folder / f"step-{step}")
+
+
+def _fit(tmp_path, tokenizer_dir, values, callback, steps=None, order=1) -> pl.Trainer:
+    module = make_module(tokenizer_dir, num_inference_steps=2)
+    trainer = pl.Trainer(
+        max_steps=steps or len(values), accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[Scripted(values, tmp_path / "steps"), callback][::order],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=32, image_size=32, batch_size=2))
+    return trainer
+
+
+def _same_file(a, b) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize(
+    ("mode", "best", "order"), [("max", 2, 1), ("min", 4, 1), ("max", 2, -1)],
+    ids=["max", "min", "listed-before-the-evaluation"],
+)  # fmt: skip
+def test_the_lora_of_the_best_evaluation_is_kept(tmp_path, tokenizer_dir, mode, best, order):
+    values = [0.3, 0.5, 0.4, 0.1, 0.45]
+    callback = BestLoRACallback(mode=mode, dirpath=tmp_path / "lora")
+    trainer = _fit(tmp_path, tokenizer_dir, values, callback, order=order)
+    assert trainer.global_step == 5 and callback.best_step == best
+    kept = tmp_path / "lora" / "best" / "pytorch_lora_weights.safetensors"
+    assert _same_file(kept, tmp_path / "steps" / f"step-{best}" / kept.name)
+    assert not _same_file(kept, tmp_path / "steps" / "step-5" / kept.name)  # the LoRA moved on
+    record = json.loads((kept.parent / "best.json").read_text())
+    assert record["step"] == best and record["value"] == pytest.approx(values[best - 1])
+
+
+def test_patience_stops_training_after_that_many_evaluations_without_improvement(
+    tmp_path, tokenizer_dir
+) -> None:
+    values = [0.3, 0.5, 0.4, 0.45, 0.9, 1.0]
+    callback = BestLoRACallback(dirpath=tmp_path / "lora", patience=2)
+    trainer = _fit(tmp_path, tokenizer_dir, values, callback)
+    assert trainer.global_step == 4 and callback.best_step == 2 and callback.stale == 2
+    assert callback.state_dict() == {"best_value": 0.5, "best_step": 2, "stale": 2}
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="patience=0 must be >= 1"):
+        BestLoRACallback(patience=0)
+    with pytest.raises(ValueError, match="mode='up' must be 'max' or 'min'"):
+        BestLoRACallback(mode="up")
+
+
+def test_proxy_and_heldout_heads_score_the_same_generated_images(tmp_path, tokenizer_dir) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    options = dict(prompts=prompts, every_n_steps=2, every_n_epochs=None, batch_size=2,
+                   compare_base=False, log_images=0)  # fmt: skip
+    heldout = T.TinyQualityHead(seed=7)
+    proxy, gold = QualityHeadCallback(**options), QualityHeadCallback(head=heldout, **options)
+    module = make_module(tokenizer_dir, num_inference_steps=2)
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[proxy, gold],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=8, image_size=32, batch_size=2))
+    assert proxy.evaluation_pass is gold.evaluation_pass  # one generation pass for both
+    assert proxy.evaluation_pass.stats["images"] == 2
+    images = module.generate(["a red square", "a blue circle"], seed=0, num_inference_steps=2)
+    metrics = trainer.callback_metrics
+    expected = {"val/guidance_iqa": module.quality_head(images), "val/heldout_iqa": heldout(images)}
+    for name, scores in expected.items():
+        assert float(metrics[name]) == pytest.approx(scores.mean().item(), abs=1e-5)
+    assert float(metrics["val/guidance_iqa"]) != float(metrics["val/heldout_iqa"])
