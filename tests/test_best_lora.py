@@ -101,3 +101,36 @@ def test_proxy_and_heldout_heads_score_the_same_generated_images(tmp_path, token
     for name, scores in expected.items():
         assert float(metrics[name]) == pytest.approx(scores.mean().item(), abs=1e-5)
     assert float(metrics["val/guidance_iqa"]) != float(metrics["val/heldout_iqa"])
+
+
+def test_the_readme_callbacks_run_from_yaml(tmp_path, monkeypatch) -> None:
+    """The README's YAML (a tiny head as the held-out one): proxy and held-out curves are logged
+    and the best LoRA is exported with its record."""
+    import yaml
+
+    from acpo_lightning.cli import build_cli
+    from conftest import CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a red square\na blue circle\n")
+    every = {"prompts": "prompts.txt", "every_n_steps": 1, "every_n_epochs": None,
+             "batch_size": 2, "log_images": 0}  # fmt: skip
+    heldout = {"class_path": "acpo_lightning.testing.TinyQualityHead", "init_args": {"seed": 3}}
+    callbacks = [
+        {"class_path": "acpo_lightning.callbacks.QualityHeadCallback", "init_args": every},
+        {"class_path": "acpo_lightning.callbacks.QualityHeadCallback",
+         "init_args": {**every, "head": heldout}},
+        {"class_path": "acpo_lightning.callbacks.BestLoRACallback",
+         "init_args": {"monitor": "val/heldout_iqa", "patience": 4, "dirpath": "lora"}},
+    ]  # fmt: skip
+    (tmp_path / "cb.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    configs = [a for f in ("acpo.yaml", "tiny.yaml") for a in ("--config", str(CONFIGS / f))]
+    cli = build_cli(
+        ["fit", *configs, "--config", "cb.yaml", "--trainer.max_steps", "2",
+         "--trainer.limit_val_batches", "0"]
+    )  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert {"val/guidance_iqa", "val/heldout_iqa"} <= set(metrics)
+    record = json.loads((tmp_path / "lora" / "best" / "best.json").read_text())
+    assert record["monitor"] == "val/heldout_iqa" and record["step"] in (1, 2)
+    assert set(record["logged"]) >= {"val/guidance_iqa", "val/heldout_iqa"}
