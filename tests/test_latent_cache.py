@@ -284,6 +284,7 @@ def test_cache_latents_command_then_fit_and_resume_on_the_cache(tmp_path, monkey
         "init_args": {"unet": {"init_args": {"pretrained_model_name_or_path": str(repo)}}}
     }
     model["quality_head"] = {"class_path": "acpo_lightning.testing.TinyQualityHead"}
+    model["perceptual_crop"] = 16  # acpo.yaml's 224 px, on the 32-px images of this cache
     checkpoint = {"dirpath": "outputs/acpo/checkpoints", "save_last": True}
     overlay = {
         "trainer": {
