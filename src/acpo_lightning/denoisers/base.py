@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from acpo_lightning import conditioning as C
 from acpo_lightning.conditioning import Conditioning
+from acpo_lightning.models.lora import adapters_disabled, has_lora
 
 
 class Denoiser(ABC):
@@ -32,6 +33,10 @@ class Denoiser(ABC):
     #: attribute name of the trained network (``unet`` or ``transformer``): the prefix of its
     #: LoRA keys in the files diffusers' ``load_lora_weights`` reads
     trained_name: str = "unet"
+    #: attribute name of the separate frozen anchor network (``None`` there: the adapter toggle)
+    anchor_name: str = "anchor_unet"
+    #: what the trained network is called in error messages
+    network_label: str = "UNet"
 
     @property
     def trained(self) -> nn.Module:
@@ -46,9 +51,19 @@ class Denoiser(ABC):
     def frozen(self) -> list[nn.Module]:
         """The networks that never train (text encoders, a separate anchor)."""
 
-    @abstractmethod
+    @property
+    def separate_anchor(self) -> nn.Module | None:
+        """The separate frozen anchor network, or ``None`` (the policy with its adapters off)."""
+        return getattr(self, self.anchor_name)
+
     def check_anchor(self) -> None:
         """Raise a ``ValueError`` with the fix when no anchor can be evaluated."""
+        if self.separate_anchor is None and not has_lora(self.trained):
+            raise ValueError(
+                f"the {self.network_label} has no LoRA adapter (full fine-tuning), so the "
+                f"adapter-toggle anchor does not exist: pass {self.anchor_name} (a frozen copy of "
+                "the base), add LoRA with models.add_lora, or set w_anchor: 0."
+            )
 
     @abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
@@ -89,16 +104,38 @@ class Denoiser(ABC):
         return C.to(self._preset_null, device, C.first(like).dtype)
 
     @abstractmethod
+    def _call(
+        self, network: nn.Module, sample: Tensor, times: Tensor, cond: Conditioning | None
+    ) -> Tensor:
+        """``network``'s output (the trained network or the anchor) on the denoiser's input."""
+
     def policy(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
         """The trained network's output (with gradient when enabled)."""
+        return self._call(self.trained, sample, times, cond)
 
-    @abstractmethod
     def anchor(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
         """The frozen anchor's output, without gradient."""
+        with torch.no_grad():
+            if self.separate_anchor is not None:
+                return self._call(self.separate_anchor, sample, times, cond)
+            with adapters_disabled(self.trained):
+                return self._call(self.trained, sample, times, cond)
 
-    @abstractmethod
     def sampling_anchor(self) -> AbstractContextManager:
         """A context in which :meth:`policy` runs the anchor (for ``generate(use_anchor=True)``)."""
+        if self.separate_anchor is None:
+            return adapters_disabled(self.trained)
+        return self._swapped()
+
+    @contextmanager
+    def _swapped(self) -> Iterator[None]:
+        """The separate anchor in the trained network's place."""
+        policy = self.trained
+        setattr(self, self.trained_name, self.separate_anchor)
+        try:
+            yield
+        finally:
+            setattr(self, self.trained_name, policy)
 
     @abstractmethod
     def configure(self, channels_last: bool = False, compile_backend: str | None = None) -> None:

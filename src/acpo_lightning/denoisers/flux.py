@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from acpo_lightning import conditioning as C
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.denoisers.base import Denoiser
-from acpo_lightning.models.lora import adapters_disabled, has_lora
+from acpo_lightning.models.lora import has_lora
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -96,6 +95,8 @@ class FluxDenoiser(Denoiser):
     is_conditional = True
     process_kind = "flow"
     trained_name = "transformer"
+    anchor_name = "anchor_transformer"
+    network_label = "FLUX transformer"
 
     def __init__(
         self,
@@ -150,14 +151,6 @@ class FluxDenoiser(Denoiser):
     def frozen(self) -> list[nn.Module]:
         parts = (self.text_encoder, self.text_encoder_2, self.anchor_transformer)
         return [m for m in parts if m is not None]
-
-    def check_anchor(self) -> None:
-        if self.anchor_transformer is None and not has_lora(self.transformer):
-            raise ValueError(
-                "the FLUX transformer has no LoRA adapter (full fine-tuning), so the adapter-toggle "
-                "anchor does not exist: pass anchor_transformer (a frozen copy of the base), add "
-                "LoRA with models.add_lora, or set w_anchor: 0."
-            )
 
     def latent_shape(self) -> tuple[int, int, int]:
         side = 2 * (self.resolution // (2 * self.vae_scale_factor))
@@ -255,30 +248,6 @@ class FluxDenoiser(Denoiser):
             return_dict=False,
         )[0]
         return unpack_latents(out, height, width)
-
-    def policy(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
-        return self._call(self.transformer, sample, times, cond)
-
-    def anchor(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
-        with torch.no_grad():
-            if self.anchor_transformer is not None:
-                return self._call(self.anchor_transformer, sample, times, cond)
-            with adapters_disabled(self.transformer):
-                return self._call(self.transformer, sample, times, cond)
-
-    def sampling_anchor(self) -> AbstractContextManager:
-        if self.anchor_transformer is None:
-            return adapters_disabled(self.transformer)
-        return self._swapped()
-
-    @contextmanager
-    def _swapped(self) -> Iterator[None]:
-        policy = self.transformer
-        self.transformer = self.anchor_transformer
-        try:
-            yield
-        finally:
-            self.transformer = policy
 
     def configure(self, channels_last: bool = False, compile_backend: str | None = None) -> None:
         """Make a transformer without adapters trainable; compile it if asked (``channels_last``

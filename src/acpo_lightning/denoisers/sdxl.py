@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from acpo_lightning import conditioning as C
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.denoisers.base import Denoiser
-from acpo_lightning.models.lora import adapters_disabled, has_lora
+from acpo_lightning.models.lora import has_lora
 
 #: the conditioning entries :meth:`SDXLDenoiser.policy` needs
 _ENTRIES = ("encoder_hidden_states", "text_embeds", "time_ids")
@@ -63,6 +62,7 @@ class SDXLDenoiser(Denoiser):
     is_conditional = True
     process_kind = "vp"
     trained_name = "unet"
+    network_label = "SDXL UNet"
 
     def __init__(
         self,
@@ -97,14 +97,6 @@ class SDXLDenoiser(Denoiser):
     def frozen(self) -> list[nn.Module]:
         parts = (self.text_encoder, self.text_encoder_2, self.anchor_unet)
         return [m for m in parts if m is not None]
-
-    def check_anchor(self) -> None:
-        if self.anchor_unet is None and not has_lora(self.unet):
-            raise ValueError(
-                "the SDXL UNet has no LoRA adapter (full fine-tuning), so the adapter-toggle "
-                "anchor does not exist: pass anchor_unet (a frozen copy of the base), add LoRA "
-                "with models.add_lora, or set w_anchor: 0."
-            )
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
@@ -248,30 +240,6 @@ class SDXLDenoiser(Denoiser):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         states = cond["encoder_hidden_states"]
         return unet(sample, times, encoder_hidden_states=states, added_cond_kwargs=added).sample
-
-    def policy(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
-        return self._call(self.unet, sample, times, cond)
-
-    def anchor(self, sample: Tensor, times: Tensor, cond: Conditioning | None) -> Tensor:
-        with torch.no_grad():
-            if self.anchor_unet is not None:
-                return self._call(self.anchor_unet, sample, times, cond)
-            with adapters_disabled(self.unet):
-                return self._call(self.unet, sample, times, cond)
-
-    def sampling_anchor(self) -> AbstractContextManager:
-        if self.anchor_unet is None:
-            return adapters_disabled(self.unet)
-        return self._swapped()
-
-    @contextmanager
-    def _swapped(self) -> Iterator[None]:
-        policy = self.unet
-        self.unet = self.anchor_unet
-        try:
-            yield
-        finally:
-            self.unet = policy
 
     def configure(self, channels_last: bool = False, compile_backend: str | None = None) -> None:
         if not has_lora(self.unet):

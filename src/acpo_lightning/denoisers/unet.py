@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning.denoisers.base import Denoiser
-from acpo_lightning.models.lora import adapters_disabled, has_lora
+from acpo_lightning.models.lora import has_lora
 
 
 class UNetDenoiser(Denoiser):
@@ -70,14 +69,6 @@ class UNetDenoiser(Denoiser):
     def frozen(self) -> list[nn.Module]:
         return [m for m in (self.text_encoder, self.anchor_unet) if m is not None]
 
-    def check_anchor(self) -> None:
-        if self.anchor_unet is None and not has_lora(self.unet):
-            raise ValueError(
-                "the UNet has no LoRA adapter (full fine-tuning), so the adapter-toggle anchor "
-                "does not exist: pass anchor_unet (a frozen copy of the base), add LoRA with "
-                "models.add_lora, or set w_anchor: 0."
-            )
-
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         side = int(size[0] if isinstance(size, list | tuple) else size)
@@ -127,30 +118,6 @@ class UNetDenoiser(Denoiser):
         if out.shape[1] == 2 * sample.shape[1]:  # learned variance: the first half is the mean
             out = out[:, : sample.shape[1]]
         return out
-
-    def policy(self, sample: Tensor, times: Tensor, cond: Tensor | None) -> Tensor:
-        return self._call(self.unet, sample, times, cond)
-
-    def anchor(self, sample: Tensor, times: Tensor, cond: Tensor | None) -> Tensor:
-        with torch.no_grad():
-            if self.anchor_unet is not None:
-                return self._call(self.anchor_unet, sample, times, cond)
-            with adapters_disabled(self.unet):
-                return self._call(self.unet, sample, times, cond)
-
-    def sampling_anchor(self) -> AbstractContextManager:
-        if self.anchor_unet is None:
-            return adapters_disabled(self.unet)
-        return self._swapped()
-
-    @contextmanager
-    def _swapped(self) -> Iterator[None]:
-        policy = self.unet
-        self.unet = self.anchor_unet
-        try:
-            yield
-        finally:
-            self.unet = policy
 
     def configure(self, channels_last: bool = False, compile_backend: str | None = None) -> None:
         if not has_lora(self.unet):
