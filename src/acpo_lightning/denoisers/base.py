@@ -73,11 +73,35 @@ class Denoiser(ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning for ``prompts`` (frozen, no grad)."""
 
-    @abstractmethod
+    #: the empty prompt's conditioning, encoded once (on the text encoders' device)
+    _null: Conditioning | None = None
+
     def null_condition(self, like: Conditioning | None = None) -> Conditioning:
         """One-sample conditioning of the empty prompt (CFG's unconditional branch), in the
-        dtype of ``like``'s text states. Implementations return :meth:`preset_null_condition`
-        when it is not ``None``, and encode the empty prompt only otherwise."""
+        dtype of ``like``'s text states: :meth:`preset_null_condition` when a prompt cache
+        installed one (no text encoder runs), else :meth:`empty_prompt_condition`, cached.
+
+        The cache keeps the dtype it was computed in (fp32 under CUDA autocast, where LayerNorm
+        runs in fp32), which need not be the conditioning's dtype later (bf16 weights outside
+        autocast): ``like`` gives the dtype to return.
+        """
+        preset = self.preset_null_condition(like)
+        if preset is not None:
+            return preset
+        device = next(
+            next(m.parameters()).device
+            for name, m in self.networks().items()
+            if name.startswith("text_encoder") and m is not None
+        )
+        if self._null is None or C.first(self._null).device != device:
+            self._null = self.empty_prompt_condition()
+        if like is None:
+            return self._null
+        return C.to(self._null, device, C.first(like).dtype)
+
+    def empty_prompt_condition(self) -> Conditioning:
+        """The empty prompt's conditioning as the pipeline builds it: the encoding of ``""``."""
+        return self.encode_prompts([""])
 
     #: the empty prompt's conditioning given to :meth:`set_null_condition`, else ``None``
     _preset_null: Conditioning | None = None

@@ -138,7 +138,6 @@ class FluxDenoiser(Denoiser):
                     "encoders come from another model; load them from the transformer's repository."
                 )
         self.guidance_embeds = bool(config.get("guidance_embeds", False))
-        self._null: dict[str, Tensor] | None = None
 
     def networks(self) -> dict[str, nn.Module | None]:
         return {
@@ -175,18 +174,6 @@ class FluxDenoiser(Denoiser):
             "encoder_hidden_states": states.to(self.text_encoder_2.dtype),
             "pooled_projections": pooled.to(self.text_encoder.dtype),
         }
-
-    def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
-        """The empty prompt's text conditioning (no ``guidance``: prompt dropout keeps the sample's)."""
-        preset = self.preset_null_condition(like)  # from a prompt-embedding cache
-        if preset is not None:
-            return preset
-        device = next(self.text_encoder_2.parameters()).device
-        if self._null is None or C.first(self._null).device != device:
-            self._null = self.encode_prompts([""])
-        if like is None:
-            return self._null
-        return C.to(self._null, device, C.first(like).dtype)
 
     def with_guidance(self, cond: Conditioning, value: float) -> Conditioning:
         """``cond`` with a ``guidance`` entry of ``value`` per sample (float32, as the pipeline),

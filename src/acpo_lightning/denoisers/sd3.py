@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning import conditioning as C
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.denoisers.base import Denoiser
 from acpo_lightning.models.lora import has_lora
@@ -92,7 +91,6 @@ class SD3Denoiser(Denoiser):
                 "(models.load_tokenizer with subfolder: tokenizer_3), or drop both for zero T5 states."
             )
         self._check_widths()
-        self._null: dict[str, Tensor] | None = None
 
     def _check_widths(self) -> None:
         config = self.transformer.config
@@ -172,18 +170,6 @@ class SD3Denoiser(Denoiser):
             "encoder_hidden_states": torch.cat([clip, t5], dim=-2),
             "pooled_projections": torch.cat([pooled, pooled_2], dim=-1),
         }
-
-    def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
-        """The encoded empty prompt (the pipeline's default negative prompt), cached."""
-        preset = self.preset_null_condition(like)  # from a prompt-embedding cache
-        if preset is not None:
-            return preset
-        device = next(self.text_encoder.parameters()).device
-        if self._null is None or C.first(self._null).device != device:
-            self._null = self.encode_prompts([""])
-        if like is None:
-            return self._null
-        return C.to(self._null, device, C.first(like).dtype)
 
     def sampler_kwargs(self, scheduler: object, num_inference_steps: int) -> dict:
         """The resolution shift ``mu`` when the scheduler shifts dynamically, computed as

@@ -84,7 +84,6 @@ class SDXLDenoiser(Denoiser):
         self.vae_scale_factor, self.max_prompt_length = vae_scale_factor, max_prompt_length
         self.channels_last = channels_last
         _check_parts(unet, text_encoder, text_encoder_2)
-        self._null: dict[str, Tensor] | None = None
 
     def networks(self) -> dict[str, nn.Module | None]:
         return {
@@ -145,23 +144,13 @@ class SDXLDenoiser(Denoiser):
         dtype = self.text_encoder_2.dtype
         return {"encoder_hidden_states": torch.cat(states, dim=-1).to(dtype), "text_embeds": pooled}
 
-    def null_condition(self, like: Conditioning | None = None) -> dict[str, Tensor]:
-        """The empty prompt's one-sample conditioning: zeros when ``force_zeros_for_empty_prompt``
-        (as the pipeline does without a negative prompt), else the encoding of ``""``; in the
-        dtype of ``like``'s text states; a prompt cache's when one was installed
-        (:meth:`set_null_condition`)."""
-        preset = self.preset_null_condition(like)
-        if preset is not None:  # a prompt cache's: no text-encoder run
-            return preset
-        device = next(self.text_encoder_2.parameters()).device
-        if self._null is None or C.first(self._null).device != device:
-            null = self.encode_prompts([""])
-            if self.force_zeros_for_empty_prompt:
-                null = {name: torch.zeros_like(value) for name, value in null.items()}
-            self._null = null
-        if like is None:
-            return self._null
-        return C.to(self._null, device, C.first(like).dtype)
+    def empty_prompt_condition(self) -> dict[str, Tensor]:
+        """Zeros when ``force_zeros_for_empty_prompt`` (as the pipeline does without a negative
+        prompt), else the encoding of ``""``."""
+        null = self.encode_prompts([""])
+        if self.force_zeros_for_empty_prompt:
+            null = {name: torch.zeros_like(value) for name, value in null.items()}
+        return null
 
     # ------------------------------------------------------------------ micro-conditioning
     def time_ids(

@@ -57,7 +57,6 @@ class UNetDenoiser(Denoiser):
                 f"{name} is unconditional but a text_encoder was given; drop "
                 "text_encoder/tokenizer or use a UNet2DConditionModel."
             )
-        self._null: Tensor | None = None
 
     def networks(self) -> dict[str, nn.Module | None]:
         return {
@@ -91,21 +90,6 @@ class UNetDenoiser(Denoiser):
         )
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(tokens.input_ids.to(device))[0]
-
-    def null_condition(self, like: Tensor | None = None) -> Tensor:
-        """Cached embedding of the empty prompt.
-
-        The cache keeps the dtype it was computed in (fp32 under CUDA autocast, where LayerNorm
-        runs in fp32), which need not be the conditioning's dtype later (bf16 weights outside
-        autocast): ``like`` gives the dtype to return.
-        """
-        preset = self.preset_null_condition(like)
-        if preset is not None:  # a prompt cache's: no text-encoder run
-            return preset
-        device = next(self.text_encoder.parameters()).device
-        if self._null is None or self._null.device != device:
-            self._null = self.encode_prompts([""])
-        return self._null if like is None else self._null.to(like.dtype)
 
     def _call(self, unet: nn.Module, sample: Tensor, times: Tensor, cond: Tensor | None) -> Tensor:
         times = times.expand(sample.shape[0]) if times.ndim == 0 else times
