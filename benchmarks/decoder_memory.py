@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from step_cost import cpu_name, iqa_sized_head, sd15_vae
+from step_cost import PeakMemory, cpu_name, iqa_sized_head, sd15_vae, timed_steps
 
 SETTINGS = ("none", "block", "resnet", "block_crop", "resnet_crop")
 
@@ -58,25 +56,9 @@ def measure(setting: str, args: argparse.Namespace, queue: mp.Queue) -> None:
             image = image[..., : args.head_size, : args.head_size]
         head(image).sum().backward()
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for index in range(args.repeats + 1):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        if index:
-            times.append(time.perf_counter() - start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    memory = PeakMemory(device.type == "cuda")
+    times = timed_steps(step, device.type == "cuda", 1, args.repeats)
+    peak = memory.growth()
     queue.put({"setting": setting, "window": side, "peak_mib": peak / 2**20,
                "seconds": statistics.median(times)})  # fmt: skip
 

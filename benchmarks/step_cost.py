@@ -325,42 +325,58 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
     measure_steps(name, step, args, queue, scored=scored)
 
 
-def measure_steps(name: str, step, args: argparse.Namespace, queue: mp.Queue, **extra) -> None:
-    """Time ``step()`` (median after warm-up), count one more step's FLOPs, report peak memory."""
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-    else:
-        base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def timed_steps(step, cuda: bool, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones."""
     times = []
-
-    for index in range(args.warmup + args.steps):
+    for index in range(warmup + steps):
         start = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
-        if index >= args.warmup:
+        if index >= warmup:
             times.append(time.perf_counter() - start)
+    return times
+
+
+class PeakMemory:
+    """This process's peak memory from now on: CUDA ``max_memory_allocated``, else the peak
+    resident set (``ru_maxrss``), and its growth over the state when this was made."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.total()
+
+    def total(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def growth(self) -> int:
+        return self.total() - self.base
+
+
+def measure_steps(name: str, step, args: argparse.Namespace, queue: mp.Queue, **extra) -> None:
+    """Time ``step()`` (median after warm-up), count one more step's FLOPs, report peak memory."""
+    cuda = args.device.startswith("cuda")
+    memory = PeakMemory(cuda)
+    times = timed_steps(step, cuda, args.warmup, args.steps)
     # FLOPs of one more step: a count, not a timing, so it is the same on a busy machine
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base_mem
-        total = torch.cuda.max_memory_allocated()
-    else:
-        total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = total - base_mem
     queue.put(
         {
             **extra,
             "variant": name,
             "step_s": statistics.median(times),
             "step_times_s": times,
-            "peak_step_bytes": peak,
-            "peak_total_bytes": total,
+            "peak_step_bytes": memory.growth(),
+            "peak_total_bytes": memory.total(),
             "flops": flops,
         }
     )

@@ -45,14 +45,7 @@ class LoRAExportCallback(Callback):
         self._last_step: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "save_lora", None)):
-            raise TypeError(
-                f"LoRAExportCallback needs a module with save_lora(directory), such as ACPOModule; "
-                f"got {type(pl_module).__name__}."
-            )
-        if self.dirpath is None:
-            root = trainer.log_dir if trainer.loggers else trainer.default_root_dir
-            self.dirpath = Path(root or ".") / "lora"
+        self.dirpath = lora_folder(self, trainer, pl_module, self.dirpath)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -80,3 +73,23 @@ class LoRAExportCallback(Callback):
         if trainer.is_global_zero:
             self.written.append(pl_module.save_lora(self.dirpath / name))
         trainer.strategy.barrier("lora_export")
+
+
+def lora_folder(
+    callback: Callback, trainer: pl.Trainer, pl_module: pl.LightningModule, dirpath: Path | None
+) -> Path:
+    """Where ``callback`` writes adapters: ``dirpath``, else ``<log_dir>/lora`` (or
+    ``<default_root_dir>/lora`` without a logger).
+
+    Raises:
+        TypeError: ``pl_module`` cannot save a LoRA (no ``save_lora(directory)``).
+    """
+    if not callable(getattr(pl_module, "save_lora", None)):
+        raise TypeError(
+            f"{type(callback).__name__} needs a module with save_lora(directory), such as "
+            f"ACPOModule; got {type(pl_module).__name__}."
+        )
+    if dirpath is not None:
+        return dirpath
+    root = trainer.log_dir if trainer.loggers else trainer.default_root_dir
+    return Path(root or ".") / "lora"

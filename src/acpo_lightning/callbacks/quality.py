@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from acpo_lightning.callbacks.evaluation import GenerationMetricCallback
+from acpo_lightning.callbacks.lora_export import lora_folder
 
 
 class HeadScore(Metric):
@@ -141,14 +142,7 @@ class BestLoRACallback(Callback):
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "save_lora", None)):
-            raise TypeError(
-                f"BestLoRACallback needs a module with save_lora(directory), such as ACPOModule; "
-                f"got {type(pl_module).__name__}."
-            )
-        if self.dirpath is None:
-            root = trainer.log_dir if trainer.loggers else trainer.default_root_dir
-            self.dirpath = Path(root or ".") / "lora"
+        self.dirpath = lora_folder(self, trainer, pl_module, self.dirpath)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
