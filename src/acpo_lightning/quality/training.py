@@ -5,12 +5,17 @@ The objective mixes an absolute and a relative term: mean squared error between 
 every pair of items of one group whose targets differ (a group is one severity ladder of a
 synthetic batch, or a whole MOS batch), plus optionally a PLCC loss. Validation reports SROCC and
 PLCC on the held-out split as ``val/srocc`` and ``val/plcc``.
+
+:class:`PromptIQATrainingModule` trains a
+:class:`~acpo_lightning.quality.prompt_aware.PromptAwareNet` the same way on prompt groups
+(:class:`~acpo_lightning.quality.iqa_data.PromptPairDataset`), with precomputed prompt
+embeddings, and also reports ``val/mismatch_accuracy``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
+from torchmetrics import Metric
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from acpo_lightning.quality.prompt_aware import PromptAwareNet
 from acpo_lightning.quality.two_stream import TwoStreamNet
 
 
@@ -113,7 +120,8 @@ class IQATrainingModule(pl.LightningModule):
                 "loss weights must be >= 0 with a positive sum; got "
                 f"mse_weight={mse_weight}, rank_weight={rank_weight}, plcc_weight={plcc_weight}."
             )
-        self.save_hyperparameters(ignore=["net", "optimizer"])
+        # text_embeddings: a subclass's table of tensors, which has no place in the hparams
+        self.save_hyperparameters(ignore=["net", "optimizer", "text_embeddings"])
         self.net, self.optimizer = net, optimizer
         with warnings.catch_warnings():  # held-out sets here are small; the buffer warning is noise
             warnings.filterwarnings("ignore", message=".*will save all targets and predictions.*")
@@ -122,9 +130,14 @@ class IQATrainingModule(pl.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
-    def _losses(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    def _logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, targets and group ids ``[N]`` of a batch (subclasses feed the net more inputs)."""
         images, target, groups = flatten_batch(batch)
-        logits = self.net.logits(images)
+        return self.net.logits(images), target, groups
+
+    def _losses(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The loss terms, the logits ``[N]`` and the targets ``[N]`` of a batch."""
+        logits, target, groups = self._logits(batch)
         scores = torch.sigmoid(logits)
         terms = {
             "loss_mse": F.mse_loss(scores, target),
@@ -137,7 +150,7 @@ class IQATrainingModule(pl.LightningModule):
             + hp.rank_weight * terms["loss_rank"]
             + hp.plcc_weight * terms["loss_plcc"]
         )
-        return terms, scores, target
+        return terms, logits, target
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         terms, _, target = self._losses(batch)
@@ -147,7 +160,10 @@ class IQATrainingModule(pl.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        terms, scores, target = self._losses(batch)
+        self._log_validation(*self._losses(batch))
+
+    def _log_validation(self, terms: Mapping[str, Tensor], logits: Tensor, target: Tensor) -> None:
+        scores = torch.sigmoid(logits)
         self.val_srocc.update(scores.float(), target.float())
         self.val_plcc.update(scores.float(), target.float())
         self.log("val/loss", terms["loss"], batch_size=len(target))
@@ -176,3 +192,123 @@ class IQATrainingModule(pl.LightningModule):
         )
         facts = {"loss_weights": dict(self.hparams), **logged, **dict(metadata or {})}
         return self.net.save_pretrained(path, metadata=facts)
+
+
+class MismatchAccuracy(Metric):
+    """Share of (group, mismatched row) pairs where the group's row 0 scores strictly higher.
+
+    Row 0 of a prompt group is the real image with its own caption; a mismatched row is the same
+    image under another class's caption. Pass logits rather than sigmoid scores: two saturated
+    sigmoids would tie. A head blind to the prompt ties on every pair and scores 0.
+
+    Example:
+        >>> metric = MismatchAccuracy()
+        >>> metric.update(torch.tensor([[2.0, 1.0, 3.0]]), torch.tensor([[False, True, True]]))
+        >>> float(metric.compute())
+        0.5
+    """
+
+    higher_is_better = True
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("wins", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("pairs", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, mismatched: Tensor) -> None:
+        """Count the pairs of ``logits [B, K]`` whose ``mismatched [B, K]`` row is ``True``."""
+        wins = (logits[:, :1] > logits)[mismatched]
+        # not in place: a state reset under inference mode (trainer.validate) cannot be updated so
+        self.wins = self.wins + wins.sum()
+        self.pairs = self.pairs + wins.numel()
+
+    def compute(self) -> Tensor:
+        return self.wins / self.pairs.clamp_min(1.0)
+
+
+class PromptIQATrainingModule(IQATrainingModule):
+    """Train a :class:`PromptAwareNet` on prompt groups: quality ladders and prompt mismatches.
+
+    The loss is :class:`IQATrainingModule`'s (MSE + pairwise ranking within each group, + PLCC);
+    the prompts of a batch are looked up in a table of precomputed embeddings (the text encoder
+    never runs, nor enters the checkpoint). Validation adds ``val/mismatch_accuracy``: the share
+    of (group, mismatched row) pairs in which the group's first row (the real image with its own
+    caption) scores higher than the same image with the mismatched caption.
+
+    Args:
+        net: the network to train.
+        text_embeddings: ``{prompt: embedding [text_dim]}`` for every prompt of the data, e.g.
+            ``PromptEmbedder(encoder, tokenizer).table(prompts)``.
+        optimizer: callable building the optimizer from the parameters.
+        mse_weight: weight of the MSE between score and target.
+        rank_weight: weight of the pairwise logistic ranking loss.
+        plcc_weight: weight of the PLCC loss.
+
+    Raises:
+        ValueError: the table is empty or its embeddings are not ``[text_dim]``.
+
+    Example:
+        >>> from acpo_lightning.quality.prompt_aware import PromptAwareNet
+        >>> table = {"a cat": torch.ones(8), "a dog": -torch.ones(8)}
+        >>> module = PromptIQATrainingModule(PromptAwareNet(8, (8,), 8, 16), table)
+        >>> module(torch.rand(2, 3, 16, 16), ["a cat", "a dog"]).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        net: PromptAwareNet,
+        text_embeddings: Mapping[str, Tensor],
+        optimizer: OptimizerCallable = default_iqa_optimizer,
+        mse_weight: float = 1.0,
+        rank_weight: float = 1.0,
+        plcc_weight: float = 0.0,
+    ) -> None:
+        super().__init__(net, optimizer, mse_weight, rank_weight, plcc_weight)
+        shapes = {tuple(v.shape) for v in text_embeddings.values()}
+        if shapes != {(net.text_dim,)}:
+            raise ValueError(
+                f"text_embeddings must map each prompt to a [{net.text_dim}] embedding (the net's "
+                f"text_dim); got shapes {sorted(shapes)} for {len(text_embeddings)} prompts."
+            )
+        self.prompt_index = {prompt: i for i, prompt in enumerate(text_embeddings)}
+        table = torch.stack([v.detach().float() for v in text_embeddings.values()])
+        self.register_buffer("text_table", table, persistent=False)  # frozen: not checkpointed
+        self.val_mismatch = MismatchAccuracy()
+
+    def embed(self, prompts: Sequence[str]) -> Tensor:
+        """Embeddings ``[N, text_dim]`` of ``prompts`` from the table.
+
+        Raises:
+            KeyError: a prompt is not in the table (names it and says how to add it).
+        """
+        missing = [p for p in prompts if p not in self.prompt_index]
+        if missing:
+            raise KeyError(
+                f"prompt(s) {missing[:3]} have no precomputed embedding; build text_embeddings "
+                "from every prompt the data can produce (PromptEmbedder.table(prompts))."
+            )
+        return self.text_table[[self.prompt_index[p] for p in prompts]]
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.net(images, self.embed(prompts).to(images.dtype))
+
+    def _logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        images, target, groups = flatten_batch(batch)
+        prompts = [p for group in batch["prompts"] for p in group]
+        if len(prompts) != len(images):
+            raise ValueError(
+                f"a prompt batch needs one prompt per image: {len(prompts)} prompts for "
+                f"{len(images)} images (batch it with collate_prompt_groups)."
+            )
+        return self.net.logits(images, self.embed(prompts).to(images.dtype)), target, groups
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        terms, logits, target = self._losses(batch)
+        self._log_validation(terms, logits, target)
+        mismatched = batch.get("mismatched")
+        if mismatched is not None and mismatched.any():
+            self.val_mismatch.update(logits.view(mismatched.shape), mismatched)
+            self.log("val/mismatch_accuracy", self.val_mismatch, prog_bar=True)
