@@ -14,6 +14,8 @@ from torch import nn
 
 from acpo_demo.classifier import FashionClassifier
 from acpo_lightning.models.loading import ModelNotFoundError
+from acpo_lightning.quality.composite import CompositeQualityHead
+from acpo_lightning.quality.prompt_aware import PromptAwareIQA
 from acpo_lightning.quality.two_stream import TwoStreamIQA
 from acpo_lightning.quiet_imports import quiet_imports
 
@@ -64,6 +66,33 @@ def load_demo_sampler(path: str | None = None) -> DDIMScheduler:
 def load_demo_guidance_head(path: str | None = None) -> TwoStreamIQA:
     """The demo's guidance head: a :class:`TwoStreamIQA` trained on Fashion-MNIST (frozen)."""
     return TwoStreamIQA.from_pretrained(demo_weights("guidance_iqa", path))
+
+
+def load_demo_prompt_head(path: str | None = None) -> PromptAwareIQA:
+    """The demo's prompt-aware guidance head with its MiniLM text encoder (frozen; needs prompts).
+
+    Raises:
+        ModelNotFoundError: the weights or the MiniLM package are missing (says how to get them).
+    """
+    from acpo_demo.text import load_minilm, load_minilm_tokenizer
+
+    folder = demo_weights("prompt_iqa", path)
+    return PromptAwareIQA.from_pretrained(folder, load_minilm(), load_minilm_tokenizer())
+
+
+def load_demo_guidance(
+    quality_path: str | None = None, prompt_path: str | None = None, prompt_weight: float = 1.0
+) -> CompositeQualityHead:
+    """The demo's guidance: image quality and prompt agreement, ``quality + w * prompt``.
+
+    A :class:`CompositeQualityHead` of :func:`load_demo_guidance_head` (named ``quality``) and
+    :func:`load_demo_prompt_head` (``prompt``, weight ``prompt_weight``); both score in ``(0, 1)``.
+    """
+    return CompositeQualityHead(
+        [load_demo_guidance_head(quality_path), load_demo_prompt_head(prompt_path)],
+        weights=[1.0, prompt_weight],
+        names=["quality", "prompt"],
+    )
 
 
 def load_demo_classifier(path: str | None = None) -> FashionClassifier:

