@@ -9,7 +9,7 @@ DEMO_WEIGHTS := src/acpo_demo/weights
 # acpo_demo is not in the acpo-lightning wheel: every target imports it from this checkout's src/
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: help install fashion-mnist test test-fast demo demo-no-anchor ablations pretrain-demo bench lint clean
+.PHONY: help install fashion-mnist test test-fast demo demo-no-anchor demo-study ablations pretrain-demo bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -55,13 +55,18 @@ demo: install fashion-mnist  ## ACPO on the embedded Fashion-MNIST model, its w_
 	$(VENV)/bin/acpo fit --config configs/demo.yaml
 	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_control.yaml
 	$(PY) -m acpo_demo.evaluate --out outputs/demo \
-		--run ACPO=outputs/demo/lora/last --run control=outputs/demo_control/lora/last
+		--run ACPO=outputs/demo/lora/last --run control=outputs/demo_control/lora/last \
+		--curves ACPO=outputs/demo --curves control=outputs/demo_control
 
 demo-no-anchor: install fashion-mnist  ## the demo with w_anchor 0 (for the report), evaluated beside the base
 	rm -rf outputs/demo_no_anchor
 	$(VENV)/bin/acpo fit --config configs/demo.yaml --config configs/demo_no_anchor.yaml
 	$(PY) -m acpo_demo.evaluate --out outputs/demo_no_anchor \
-		--run no-anchor=outputs/demo_no_anchor/lora/last
+		--run no-anchor=outputs/demo_no_anchor/lora/last --curves no-anchor=outputs/demo_no_anchor
+
+demo-study: install fashion-mnist  ## the demo's settings chosen on validation prompts, then ACPO, w_anchor 0 and the control over 3 training seeds on held-out prompts (outputs/demo_study; about 75 min on 2 CPU cores)
+	$(PY) -m acpo_demo.study select --out outputs/demo_study
+	$(PY) -m acpo_demo.study seeds --out outputs/demo_study
 
 ablations: install fashion-mnist  ## the demo's ablation sweeps for docs/ablations.md (full setting, about 35 min on 2 CPU cores)
 	$(PY) -m acpo_demo.ablations --setting full --out docs/ablations

@@ -154,7 +154,7 @@ def _metrics(d_guidance: float, d_eval: float, kid: float, consistency: float) -
     return {
         "guidance_iqa": 0.6 + d_guidance, "guidance_iqa_ci": 0.01,
         "eval_iqa": 0.6 + d_eval, "eval_iqa_ci": 0.01,
-        "consistency": consistency, "consistency_prob": 0.8, "kid": kid, "kid_std": 0.01,
+        "consistency": consistency, "consistency_prob": 0.8, "kid": kid, "kid_ci": 0.01,
         "diversity": 4.0, "d_guidance": d_guidance, "d_guidance_ci": 0.02,
         "d_eval": d_eval, "d_eval_ci": 0.005, "d_consistency": consistency - 0.9,
         "d_consistency_ci": 0.01,

@@ -14,6 +14,7 @@ from acpo_demo import fashion
 from acpo_demo.fashion import (
     HELDOUT_TEMPLATES,
     TRAIN_TEMPLATES,
+    VAL_TEMPLATES,
     FashionMNISTDataModule,
     FashionMNISTNotFoundError,
     all_captions,
@@ -68,12 +69,16 @@ def test_idx_images_are_padded_to_32_in_minus_one_one(tiny_fashion) -> None:
     assert images[0, 0, 2, 2].item() == pytest.approx(raw[0] / 127.5 - 1)
 
 
-def test_captions_use_the_class_and_held_out_wordings_never_train() -> None:
+def test_captions_use_the_class_and_three_disjoint_wording_sets() -> None:
     assert caption(9, template=1, synonym=0) == "a product shot of an ankle boot"
-    train = {c for _, c in all_captions("train")}
-    heldout = {c for _, c in all_captions("heldout")}
-    assert not train & heldout and not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
-    assert len(train) == 10 * len(TRAIN_TEMPLATES) * 3
+    sets = {w: {c for _, c in all_captions(w)} for w in ("train", "val", "heldout")}
+    assert not sets["train"] & sets["heldout"] and not sets["train"] & sets["val"]
+    assert not sets["val"] & sets["heldout"]
+    templates = (TRAIN_TEMPLATES, VAL_TEMPLATES, HELDOUT_TEMPLATES)
+    assert len({t for group in templates for t in group}) == sum(map(len, templates))
+    assert len(sets["train"]) == 10 * len(TRAIN_TEMPLATES) * 3
+    with pytest.raises(ValueError, match=r"wording='test'.*heldout"):
+        caption(0, wording="test")
 
 
 def test_datamodule_batches_prompts_images_and_labels(tiny_fashion) -> None:
@@ -83,7 +88,7 @@ def test_datamodule_batches_prompts_images_and_labels(tiny_fashion) -> None:
     for prompt, label in zip(batch["prompts"], batch["labels"].tolist(), strict=True):
         assert prompt in {c for lab, c in all_captions("train") if lab == label}
     val = next(iter(data.val_dataloader()))
-    assert all(p in {c for _, c in all_captions("heldout")} for p in val["prompts"])
+    assert all(p in {c for _, c in all_captions("val")} for p in val["prompts"])
 
 
 def test_minilm_loads_offline_with_the_demo_prompt_length() -> None:
@@ -213,21 +218,30 @@ def test_shipped_quality_models_reproduce_their_srocc() -> None:
 # --------------------------------------------------------------------------------- smoke run
 @pytest.mark.slow
 def test_demo_config_fits_a_few_rollout_steps_and_exports_the_lora(tiny_fashion, tmp_path) -> None:
+    """demo.yaml through the study's overlay (its callbacks, moved into the run folder): it trains,
+    logs the proxy and the independent evaluator on the same validation images, keeps the best
+    LoRA and exports the last."""
     _manifest()
+    from acpo_demo.ablations.runs import fit_overlay, read_curves
     from acpo_demo.evaluate import lora_layout
-    from acpo_lightning.cli import main
+    from acpo_demo.study import study_overlay
 
     out = tmp_path / "run"
-    main([
-        "fit", "--config", str(CONFIGS / "demo.yaml"),
-        "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(out),
-        "--trainer.callbacks.init_args.dirpath", str(out / "lora"),
-        "--model.rollout_steps", "4", "--model.k_late", "2", "--model.rollout_batch_size", "2",
-        "--data.init_args.batch_size", "4",
-    ])  # fmt: skip
+    tree = study_overlay({}, 0, out, max_steps=2, batch_size=4)
+    tree["model"].update({"rollout_steps": 4, "k_late": 2})
+    for callback in tree["trainer"]["callbacks"]:
+        if "every_n_steps" in callback["init_args"]:
+            callback["init_args"].update(every_n_steps=2, prompts=str(
+                CONFIGS.parent / callback["init_args"]["prompts"]))  # fmt: skip
+    fit_overlay(tree, out)
     rank, targets = lora_layout(out / "lora" / "last")
     assert rank == 8 and {"to_q", "conv1"} <= set(targets)
+    curves = read_curves(out, ("val/",))
+    assert {"val/guidance_iqa", "val/eval_iqa", "val/eval_iqa_base"} <= set(curves)
+    assert [s for s, _ in curves["val/eval_iqa"]] == [2]
+    best = json.loads((out / "lora" / "best" / "best.json").read_text())
+    assert best["step"] == 2 and best["value"] == pytest.approx(curves["val/eval_iqa"][0][1])
+    assert lora_layout(out / "lora" / "best") == (rank, targets)
 
 
 def test_the_demos_head_sized_crop_is_its_whole_image_path() -> None:

@@ -1,15 +1,19 @@
 """Offline evaluation of the demo: base model vs ACPO vs the ``w_perc: 0`` control.
 
-For every model it samples the same held-out prompts (wordings never used in training) with the
-same seeds and reports
+For every model it samples the same prompts with the same seeds (the held-out wordings and seeds
+by default; ``--split val`` gives the validation wordings and seeds that settings are chosen on)
+and reports
 
-* guidance IQA: the TwoStream head ACPO optimized (mean, 95% CI over seeds);
+* guidance IQA: the head ACPO optimized (mean, 95% CI over seeds);
 * evaluation IQA: the independent :class:`~acpo_demo.evaluator.PatchQualityNet`;
 * prompt consistency: share of images the classifier puts in the prompted class, and the mean
   probability it gives that class;
-* KID to real test images on the classifier's penultimate features (torchmetrics'
-  ``KernelInceptionDistance`` with the classifier as feature extractor; lower is better);
+* FID and KID to real test images on the classifier's penultimate features, with 95 % bootstrap
+  intervals over the images (:func:`acpo_lightning.metrics.distance.feature_distances`);
 * diversity: mean pairwise feature distance between the seeds of one prompt.
+
+Per-image scores are paired (same prompt, seed and initial noise for every model): the ``Δ``
+columns are paired differences to the base and, when a run is named ``control``, to the control.
 
 Usage::
 
@@ -33,7 +37,7 @@ from torch import Tensor
 from acpo_demo.assets import (
     load_demo_classifier,
     load_demo_evaluator,
-    load_demo_guidance_head,
+    load_demo_guidance,
     load_demo_sampler,
     load_demo_scheduler,
     load_demo_unet,
@@ -48,20 +52,38 @@ EVAL_STEPS = 10
 EVAL_GUIDANCE = 3.0
 #: Evaluation seeds start here (far from the seeds training and pretraining use).
 SEED_BASE = 10_000
-# two-sided 97.5% Student-t quantiles by degrees of freedom (1..30); beyond, the normal's
-_T975 = (
-    [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
-    + [2.2] * 10
-    + [2.09] * 10
-)
+#: The two evaluation splits: wording set and first seed. Settings are chosen on ``val``; the
+#: README's figures are measured once on ``test`` (held-out wordings, other seeds).
+SPLITS = {"test": ("heldout", SEED_BASE), "val": ("val", 2 * SEED_BASE)}
+# two-sided 97.5% Student-t quantiles for 1..10 degrees of freedom (beyond: Cornish-Fisher)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def heldout_prompts(per_class: int = 2) -> tuple[list[str], list[int]]:
-    """``per_class`` held-out captions per class (distinct templates) and their labels."""
+def t975(dof: int) -> float:
+    """The 97.5 % quantile of Student's t with ``dof`` degrees of freedom (within 3e-3 beyond 10).
+
+    Example:
+        >>> round(t975(11), 2), round(t975(49), 2)
+        (2.2, 2.01)
+    """
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def heldout_prompts(per_class: int = 2, split: str = "test") -> tuple[list[str], list[int]]:
+    """``per_class`` captions per class (distinct templates) of a split's wordings, and their labels.
+
+    Raises:
+        ValueError: an unknown ``split``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {sorted(SPLITS)}.")
     prompts, labels = [], []
     for label in range(len(CLASS_NAMES)):
         for k in range(per_class):
-            prompts.append(caption(label, template=k, synonym=k + label, wording="heldout"))
+            prompts.append(caption(label, template=k, synonym=k + label, wording=SPLITS[split][0]))
             labels.append(label)
     return prompts, labels
 
@@ -77,7 +99,7 @@ def demo_module(unet_path: str | None = None, lora: str | Path | None = None, he
         load_lora(add_lora(unet, rank=rank, alpha=rank, target_modules=targets), lora)
     return ACPOModule(
         unet=unet,
-        quality_head=head if head is not None else load_demo_guidance_head(),
+        quality_head=head if head is not None else load_demo_guidance(),
         noise_scheduler=load_demo_scheduler(),
         sample_scheduler=load_demo_sampler(),
         vae=load_demo_vae(),
@@ -118,15 +140,16 @@ def sample(
     seeds: list[int],
     batch: int = 200,
     guidance_scale: float | None = None,
+    seed_base: int = SEED_BASE,
 ) -> Tensor:
     """Images ``[S, P, 3, H, W]``: every prompt under every seed.
 
     Image ``(s, p)`` is image ``i = s * P + p`` of the flattened list and uses the generator seeded
-    ``SEED_BASE + i`` (``generate`` seeds image ``i`` of a call with ``seed + i``), so a sample
+    ``seed_base + i`` (``generate`` seeds image ``i`` of a call with ``seed + i``), so a sample
     does not depend on how the calls are batched.
     """
     flat = [prompt for _ in seeds for prompt in prompts]
-    base = SEED_BASE + seeds[0] * len(prompts)
+    base = seed_base + seeds[0] * len(prompts)
     out = [
         module.generate(flat[i : i + batch], seed=base + i, guidance_scale=guidance_scale)
         for i in range(0, len(flat), batch)
@@ -139,87 +162,152 @@ def mean_ci(values: Tensor) -> tuple[float, float]:
     n = len(values)
     if n < 2:
         return float(values.mean()), float("nan")
-    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
-    return float(values.mean()), float(t * values.std(unbiased=True) / math.sqrt(n))
+    return float(values.mean()), float(t975(n - 1) * values.std(unbiased=True) / math.sqrt(n))
 
 
 @torch.no_grad()
-def image_metrics(images: Tensor, labels: list[int], parts: dict, real: Tensor) -> dict[str, float]:
-    """All table columns for images ``[S, P, 3, H, W]`` of prompts with class ``labels``."""
-    from torchmetrics.image.kid import KernelInceptionDistance
+def image_metrics(
+    images: Tensor,
+    labels: list[int],
+    parts: dict,
+    real: Tensor,
+    prompts: list[str] | None = None,
+) -> dict[str, float]:
+    """All table columns for images ``[S, P, 3, H, W]`` of prompts with class ``labels``.
 
-    seeds = images.shape[0]
-    prompts = images.shape[1]
+    Args:
+        images: ``S`` seeds of ``P`` prompts, in ``[0, 1]``.
+        labels: the prompts' classes.
+        parts: :func:`load_parts`.
+        real: real images in ``[0, 1]``, the FID/KID reference.
+        prompts: the ``P`` prompts (passed to the guidance head; a prompt-aware head needs them).
+
+    Returns:
+        The columns, the FID/KID of :func:`~acpo_lightning.metrics.distance.feature_distances`,
+        and ``per_image`` (scores, hits and classifier features, kept for paired differences).
+    """
+    from acpo_lightning.metrics.distance import feature_distances
+
+    seeds, count = images.shape[:2]
     flat = images.flatten(0, 1)
-    guide = parts["guidance"](flat).view(seeds, prompts)
-    evaluation = parts["evaluator"](flat).view(seeds, prompts)
+    flat_prompts = None if prompts is None else [p for _ in range(seeds) for p in prompts]
+    guide = _batched(lambda x, p: parts["guidance"](x, p), flat, flat_prompts).view(seeds, count)
+    evaluation = _batched(lambda x, _: parts["evaluator"](x), flat).view(seeds, count)
     classifier = parts["classifier"]
-    probs = classifier(flat).softmax(-1).view(seeds, prompts, -1)
+    extractor = ClassifierFeatures(classifier)
+    probs = _batched(lambda x, _: classifier(x), flat).softmax(-1).view(seeds, count, -1)
     target = torch.tensor(labels).expand(seeds, -1)
     hit = (probs.argmax(-1) == target).float()
     p_true = probs.gather(-1, target[..., None]).squeeze(-1)
-    extractor = ClassifierFeatures(classifier)
-    feats = extractor(flat).view(seeds, prompts, -1)
-    pair = torch.cdist(feats.transpose(0, 1), feats.transpose(0, 1))  # [P, S, S]
-    diversity = pair.sum((1, 2)) / (seeds * (seeds - 1))
-    kid = KernelInceptionDistance(feature=extractor, subset_size=min(100, len(flat)), subsets=50)
-    kid.update(real, real=True)
-    kid.update(flat, real=False)
-    torch.manual_seed(0)  # KID's random subsets: the same draw for every model
-    kid_mean, kid_std = kid.compute()
+    feats = _batched(lambda x, _: extractor(x), flat)
+    by_prompt = feats.view(seeds, count, -1).transpose(0, 1)
+    diversity = torch.cdist(by_prompt, by_prompt).sum((1, 2)) / (seeds * (seeds - 1))
+    distance = feature_distances({"model": feats}, _batched(lambda x, _: extractor(x), real))
     g_mean, g_ci = mean_ci(guide.mean(1))
     e_mean, e_ci = mean_ci(evaluation.mean(1))
     return {
-        "per_image": {"guidance": guide, "eval": evaluation, "hit": hit},
+        "per_image": {"guidance": guide, "eval": evaluation, "hit": hit, "features": feats},
         "guidance_iqa": g_mean, "guidance_iqa_ci": g_ci,
         "eval_iqa": e_mean, "eval_iqa_ci": e_ci,
         "consistency": float(hit.mean()), "consistency_prob": float(p_true.mean()),
-        "kid": float(kid_mean), "kid_std": float(kid_std),
+        **distance["model"],
         "diversity": float(diversity.mean()),
     }  # fmt: skip
 
 
-def paired_deltas(per_image: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, float]:
-    """Per-seed paired differences of one model's per-image scores to the base's.
+def _batched(fn, images: Tensor, prompts: list[str] | None = None, size: int = 500) -> Tensor:
+    """``fn(images, prompts)`` in chunks of ``size`` images (bounded memory for 2,000+ images)."""
+    return torch.cat([
+        fn(images[i : i + size], None if prompts is None else prompts[i : i + size])
+        for i in range(0, len(images), size)
+    ])  # fmt: skip
+
+
+#: Per-image scores whose paired differences the table reports: (key, delta name).
+PAIRED = (("guidance", "guidance"), ("eval", "eval"), ("hit", "consistency"))
+
+
+def paired_deltas(
+    per_image: dict[str, Tensor], base: dict[str, Tensor], prefix: str = "d_"
+) -> dict[str, float]:
+    """Per-seed paired differences of one model's per-image scores to another's (``base``).
 
     Both come from :func:`image_metrics` on the same prompts, seeds and initial noise. Returns
     ``d_guidance``, ``d_eval`` and ``d_consistency`` (mean difference of the guidance score, the
-    evaluator's score and the classifier hit rate) and their 95% CIs over seeds (``..._ci``).
+    evaluator's score and the classifier hit rate) and their 95% CIs over seeds (``..._ci``);
+    ``prefix`` replaces ``d_``.
     """
     deltas = {}
-    for key, name in (("guidance", "d_guidance"), ("eval", "d_eval"), ("hit", "d_consistency")):
+    for key, name in PAIRED:
+        name = prefix + name
         deltas[name], deltas[name + "_ci"] = mean_ci((per_image[key] - base[key]).mean(1))
     return deltas
 
 
-def add_paired_deltas(rows: dict[str, dict]) -> None:
-    """Per-seed paired differences to the base row (same prompts, seeds and initial noise).
+def add_paired_deltas(rows: dict[str, dict], real_features: Tensor | None = None) -> None:
+    """Paired differences to the base row, and to the ``control`` row when there is one.
 
-    Adds :func:`paired_deltas` to every row, then drops the per-image scores.
+    Adds :func:`paired_deltas` to every row (``d_...`` to the base, ``c_...`` to the control) and,
+    given the real images' features, the paired FID/KID differences to the control (``c_fid``,
+    ``c_kid`` and their intervals; the same bootstrap draws for both), then drops the per-image
+    scores.
     """
+    from acpo_lightning.metrics.distance import feature_distances
+
     base = rows["base"]["per_image"]
+    control = rows.get("control", {}).get("per_image")
     for row in rows.values():
         row.update(paired_deltas(row["per_image"], base))
+        if control is not None:
+            row.update(paired_deltas(row["per_image"], control, prefix="c_"))
+    if control is not None and real_features is not None:
+        features = {name: row["per_image"]["features"] for name, row in rows.items()}
+        distances = feature_distances(features, real_features, reference="control")
+        for name, row in rows.items():
+            row.update({"c_" + k[2:]: v for k, v in distances[name].items() if k.startswith("d_")})
     for row in rows.values():
         row.pop("per_image")
 
 
+def _pm(value: float, ci: float, digits: int = 3, sign: bool = False) -> str:
+    return f"{value:{'+' if sign else ''}.{digits}f} ± {ci:.{digits}f}"
+
+
 def results_table(rows: dict[str, dict[str, float]]) -> str:
     """The markdown table of :func:`image_metrics` rows (after :func:`add_paired_deltas`)."""
-    lines = [
-        "| model | guidance IQA | Δ vs base (paired) | eval IQA | Δ vs base (paired) "
-        "| consistency | p(class) | KID ×1e3 | diversity |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    control = any("c_eval" in m for m in rows.values())
+    head = (
+        "| model | guidance IQA | Δ vs base | eval IQA | Δ vs base "
+        + ("| Δ vs control " if control else "")
+        + "| consistency | Δ vs base (points) "
+        + ("| Δ vs control (points) " if control else "")
+        + "| p(class) | FID | KID ×1e3 "
+        + ("| ΔFID vs control " if control else "")
+        + "| diversity |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, m in rows.items():
-        lines.append(
-            f"| {name} | {m['guidance_iqa']:.3f} ± {m['guidance_iqa_ci']:.3f} "
-            f"| {m['d_guidance']:+.3f} ± {m['d_guidance_ci']:.3f} "
-            f"| {m['eval_iqa']:.3f} ± {m['eval_iqa_ci']:.3f} "
-            f"| {m['d_eval']:+.3f} ± {m['d_eval_ci']:.3f} | {100 * m['consistency']:.1f}% "
-            f"| {m['consistency_prob']:.3f} | {1e3 * m['kid']:.2f} ± {1e3 * m['kid_std']:.2f} "
-            f"| {m['diversity']:.3f} |"
-        )
+        cells = [
+            name,
+            _pm(m["guidance_iqa"], m["guidance_iqa_ci"]),
+            _pm(m["d_guidance"], m["d_guidance_ci"], sign=True),
+            _pm(m["eval_iqa"], m["eval_iqa_ci"]),
+            _pm(m["d_eval"], m["d_eval_ci"], sign=True),
+            *([_pm(m["c_eval"], m["c_eval_ci"], sign=True)] if control else []),
+            f"{100 * m['consistency']:.1f}%",
+            _pm(100 * m["d_consistency"], 100 * m["d_consistency_ci"], 1, sign=True),
+            *(
+                [_pm(100 * m["c_consistency"], 100 * m["c_consistency_ci"], 1, True)]
+                if control
+                else []
+            ),
+            f"{m['consistency_prob']:.3f}",
+            _pm(m["fid"], m["fid_ci"], 2),
+            _pm(1e3 * m["kid"], 1e3 * m["kid_ci"], 2),
+            *([_pm(m["c_fid"], m["c_fid_ci"], 2, sign=True)] if control else []),
+            f"{m['diversity']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -232,18 +320,122 @@ def save_grid(images: Tensor, path: Path) -> None:
 
 
 def load_parts(guidance_head: str | None = None) -> dict:
-    """The frozen evaluators (and the guidance head, from ``guidance_head`` if given)."""
+    """The frozen evaluators and the demo's guidance (its image-quality head from
+    ``guidance_head`` if given; see :func:`~acpo_demo.assets.load_demo_guidance`)."""
     return {
-        "guidance": load_demo_guidance_head(guidance_head),
+        "guidance": load_demo_guidance(guidance_head),
         "evaluator": load_demo_evaluator(),
         "classifier": load_demo_classifier(),
     }
 
 
-def real_reference(count: int = 1000) -> Tensor:
-    """The first ``count`` Fashion-MNIST test images in ``[0, 1]`` (KID reference)."""
+def real_reference(count: int = 2000, start: int = 0) -> Tensor:
+    """Fashion-MNIST test images ``start .. start + count`` in ``[0, 1]`` (the FID/KID reference)."""
     test, _ = load_fashion_mnist("test")
-    return (test[:count] + 1) / 2
+    if start + count > len(test):
+        raise ValueError(
+            f"real images {start}..{start + count} asked, the test split has {len(test)}; "
+            "lower --real-count."
+        )
+    return (test[start : start + count] + 1) / 2
+
+
+def evaluate_runs(
+    runs: dict[str, str | Path | None],
+    split: str = "test",
+    per_class: int = 2,
+    seeds: int = 50,
+    real_count: int = 2000,
+    parts: dict | None = None,
+    out: Path | None = None,
+    unet: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Sample and score the base and every run on one split; paired deltas included.
+
+    Args:
+        runs: name to LoRA folder (``None``: the base itself). ``base`` is added first when
+            missing; a run named ``control`` is the reference of the ``c_...`` columns.
+        split: ``test`` (held-out wordings and seeds) or ``val``.
+        per_class: prompts per class.
+        seeds: seeds per prompt (``per_class * 10 * seeds`` images per model).
+        real_count: real test images of the FID/KID reference.
+        parts: :func:`load_parts` (default: the shipped ones).
+        out: where to save one sample grid per model (``None``: none).
+        unet: the base UNet folder (default: shipped).
+
+    Returns:
+        One row per model (see :func:`image_metrics` and :func:`add_paired_deltas`).
+    """
+    from acpo_demo.classifier import ClassifierFeatures
+
+    prompts, labels = heldout_prompts(per_class, split)
+    parts = parts if parts is not None else load_parts()
+    real = real_reference(real_count)
+    with torch.no_grad():
+        real_features = _batched(lambda x, _: ClassifierFeatures(parts["classifier"])(x), real)
+    rows: dict[str, dict] = {}
+    for name, lora in {"base": None, **runs}.items():
+        start = time.time()
+        module = demo_module(unet, lora, head=parts["guidance"])
+        images = sample(module, prompts, list(range(seeds)), seed_base=SPLITS[split][1])
+        rows[name] = image_metrics(images, labels, parts, real, prompts)
+        if out is not None:
+            save_grid(images[: min(seeds, 12)], out / f"samples_{name}.png")
+        shown = {k: round(v, 4) for k, v in rows[name].items() if k != "per_image"}
+        print(f"[evaluate] {name}: {time.time() - start:.0f}s {shown}", flush=True)
+    add_paired_deltas(rows, real_features)
+    return rows
+
+
+#: The training-time curves of configs/demo.yaml: the proxy and the independent evaluator.
+CURVES = ("val/guidance_iqa", "val/eval_iqa")
+
+
+def curve_report(runs: dict[str, Path], out: Path | None = None) -> str:
+    """Proxy against held-out: the logged ``val/guidance_iqa`` and ``val/eval_iqa`` of each run.
+
+    Both are scored on the same images (demo.yaml's validation prompts) every 10 steps; step 0 is
+    the base model (``_base``). Returns a markdown table (one row per step and run, each value's
+    change since the base beside it) and, given ``out``, draws ``out/curves.png`` (matplotlib).
+    """
+    from acpo_demo.ablations.runs import read_curves
+
+    lines = [
+        "| run | step | guidance IQA (Δ since base) | eval IQA (Δ since base) |",
+        "|---|---|---|---|",
+    ]
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, run_dir in runs.items():
+        curves = read_curves(run_dir, ("val/",))
+        series[name] = {}
+        for tag in CURVES:
+            base = curves.get(tag + "_base", [])
+            series[name][tag] = [(0, base[0][1])] * bool(base) + curves.get(tag, [])
+        steps = sorted({s for points in series[name].values() for s, _ in points})
+        values = {tag: dict(points) for tag, points in series[name].items()}
+        for step in steps:
+            cells = []
+            for tag in CURVES:
+                value, start = values[tag].get(step), values[tag].get(0)
+                change = "" if value is None or start is None else f" ({value - start:+.3f})"
+                cells.append("–" if value is None else f"{value:.3f}{change}")
+            lines.append(f"| {name} | {step} | " + " | ".join(cells) + " |")
+    if out is not None:
+        from acpo_demo.ablations.report import _pyplot
+
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        for ax, tag in zip(axes, CURVES, strict=True):
+            for name in runs:
+                points = series[name][tag]
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name)
+            ax.set_title(tag + (" (proxy)" if "guidance" in tag else " (independent)"))
+            ax.set_xlabel("step")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=100)
+        plt.close(fig)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -251,38 +443,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m acpo_demo.evaluate", description=__doc__)
     parser.add_argument("--run", action="append", default=[], help="NAME=LORA_DIR (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--seeds", type=int, default=12)
-    parser.add_argument("--per-class", type=int, default=2, help="held-out prompts per class")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="test")
+    parser.add_argument("--seeds", type=int, default=50, help="seeds per prompt")
+    parser.add_argument("--per-class", type=int, default=2, help="prompts per class")
+    parser.add_argument("--real-count", type=int, default=2000, help="real images (FID/KID)")
     parser.add_argument("--unet", default=None, help="base UNet folder (default: shipped)")
     parser.add_argument(
         "--guidance-head", default=None, help="guidance head folder (default: shipped)"
     )
+    parser.add_argument(
+        "--curves", action="append", default=[],
+        help="NAME=RUN_DIR (repeatable): the run's logged proxy and held-out curves, in the report",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    prompts, labels = heldout_prompts(args.per_class)
-    seeds = list(range(args.seeds))
-    parts, real = load_parts(args.guidance_head), real_reference()
-    rows: dict[str, dict[str, float]] = {}
-    for spec in ["base=", *args.run]:
-        name, _, lora = spec.rpartition("=")
-        start = time.time()
-        module = demo_module(args.unet, lora or None, head=parts["guidance"])
-        images = sample(module, prompts, seeds)
-        rows[name] = image_metrics(images, labels, parts, real)
-        save_grid(images, args.out / f"samples_{name}.png")
-        shown = {k: round(v, 4) for k, v in rows[name].items() if k != "per_image"}
-        print(f"[evaluate] {name}: {time.time() - start:.0f}s {shown}", flush=True)
-    add_paired_deltas(rows)
+    runs = {}
+    for spec in args.run:
+        name, sep, lora = spec.partition("=")
+        if not sep or not name or not lora:
+            parser.error(f"--run {spec!r}: write NAME=LORA_DIR, e.g. ACPO=outputs/demo/lora/last")
+        runs[name] = lora
+    rows = evaluate_runs(
+        runs, args.split, args.per_class, args.seeds, args.real_count,
+        load_parts(args.guidance_head), args.out, args.unet,
+    )  # fmt: skip
     table = results_table(rows)
+    count = args.per_class * len(CLASS_NAMES)
     header = (
-        f"Held-out prompts: {len(prompts)} ({args.per_class} per class), seeds: {args.seeds}, "
-        f"DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}; KID on classifier features vs "
-        f"{len(real)} real test images. ± is the 95% confidence interval over seeds (Student t); "
-        "Δ columns are paired differences to the base (same prompts, seeds and initial noise).\n\n"
+        f"Split `{args.split}` ({SPLITS[args.split][0]} wordings, seeds from "
+        f"{SPLITS[args.split][1]}): {count} prompts x {args.seeds} seeds = {count * args.seeds} "
+        f"images per model, DDIM {EVAL_STEPS} steps, CFG {EVAL_GUIDANCE}. ± is a 95 % interval: "
+        "over seeds (Student t) for scores and Δ columns (paired: same prompts, seeds and initial "
+        f"noise); over images (bootstrap) for FID/KID, on classifier features vs {args.real_count} "
+        "real test images.\n\n"
     )
+    if args.curves:
+        curve_runs = dict(spec.split("=", 1) for spec in args.curves)
+        table += (
+            "\n\nDuring training, on the validation prompts (proxy: the guidance head it climbs; "
+            "independent: the evaluator that never guides; curves.png):\n\n"
+            + curve_report({k: Path(v) for k, v in curve_runs.items()}, args.out)
+        )
     (args.out / "results.md").write_text(header + table + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)

@@ -2,8 +2,10 @@
 
 The images are the 70k 28x28 grayscale Fashion-MNIST images, padded to 32x32, repeated to three
 channels and scaled to ``[-1, 1]`` (the convention of diffusers' VAEs). Captions are made from the
-class names with templates and synonyms; a separate set of *held-out* templates is never used in
-training and serves the evaluation (``wording="heldout"``).
+class names with templates and synonyms. Two more template sets are never used in training: the
+*validation* templates (``wording="val"``), on which the demo's settings are chosen and its
+training-time curves are drawn, and the *held-out* templates (``wording="heldout"``), on which the
+chosen settings are measured once.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ HELDOUT_TEMPLATES = (
     "a grayscale snapshot of {a} {x}",
     "a small thumbnail of {a} {x}",
 )
-Wording = Literal["train", "heldout"]
+#: Wordings never seen in training, on which settings are chosen (never the evaluation prompts).
+VAL_TEMPLATES = (
+    "a studio photograph of {a} {x}",
+    "a low resolution picture of {a} {x}",
+    "a cropped shot of {a} {x}",
+)
+Wording = Literal["train", "val", "heldout"]
+_TEMPLATES = {"train": TRAIN_TEMPLATES, "val": VAL_TEMPLATES, "heldout": HELDOUT_TEMPLATES}
 _SPLITS = {"train": "train", "test": "t10k"}
 
 
@@ -71,6 +80,12 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
+def _templates(wording: str) -> tuple[str, ...]:
+    if wording not in _TEMPLATES:
+        raise ValueError(f"wording={wording!r}: choose one of {sorted(_TEMPLATES)}.")
+    return _TEMPLATES[wording]
+
+
 def caption(label: int, template: int = 0, synonym: int = 0, wording: Wording = "train") -> str:
     """The caption for class ``label`` with template and synonym indices (taken modulo their counts).
 
@@ -78,7 +93,7 @@ def caption(label: int, template: int = 0, synonym: int = 0, wording: Wording = 
         >>> caption(9, template=1, synonym=0)
         'a product shot of an ankle boot'
     """
-    templates = TRAIN_TEMPLATES if wording == "train" else HELDOUT_TEMPLATES
+    templates = _templates(wording)
     words = SYNONYMS[label]
     word = words[synonym % len(words)]
     return templates[template % len(templates)].format(a=_article(word), x=word)
@@ -86,7 +101,7 @@ def caption(label: int, template: int = 0, synonym: int = 0, wording: Wording = 
 
 def all_captions(wording: Wording = "train") -> list[tuple[int, str]]:
     """Every (label, caption) pair of a wording set."""
-    templates = TRAIN_TEMPLATES if wording == "train" else HELDOUT_TEMPLATES
+    templates = _templates(wording)
     return [
         (label, caption(label, t, s, wording))
         for label in range(len(CLASS_NAMES))
@@ -187,13 +202,14 @@ def collate_fashion(items: Sequence[dict]) -> dict:
 
 
 class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
-    """Captioned Fashion-MNIST (train split for fitting, test split with held-out wordings for validation).
+    """Captioned Fashion-MNIST (train split for fitting, test split with validation wordings).
 
     Args:
         root: folder with the IDX files (default: ``$ACPO_FASHION_MNIST``, then Debian's path).
         batch_size: images per batch.
         train_size: use the first ``train_size`` training images (``None``: all 60k).
-        val_size: validation images from the test split, captioned with held-out wordings.
+        val_size: validation images from the test split, captioned with the validation wordings
+            (the held-out wordings stay for the final evaluation).
         seed: seed of the caption choice and the shuffling.
         num_workers: DataLoader worker processes.
 
@@ -229,7 +245,7 @@ class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
             self.train_set = FashionCaptionDataset(images, labels, "train", hp.seed)
             images, labels = load_fashion_mnist("test", hp.root)
             n = hp.val_size
-            self.val_set = FashionCaptionDataset(images[:n], labels[:n], "heldout", hp.seed + 1)
+            self.val_set = FashionCaptionDataset(images[:n], labels[:n], "val", hp.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -75,7 +75,7 @@ def sweep_table(sweep: Sweep, results: AblationResults) -> str:
 def tradeoff_data(sweep: Sweep, results: AblationResults) -> list[dict[str, Any]]:
     """The points of one sweep's quality-vs-drift curve, the base first (at zero gain).
 
-    Each has ``label``, ``kid`` and ``kid_std`` (×1e3), ``drift`` (×1e3, from training; 0 for the
+    Each has ``label``, ``kid`` and ``kid_ci`` (×1e3), ``drift`` (×1e3, from training; 0 for the
     base), ``d_consistency`` (points) and the paired gains ``d_guidance``, ``d_eval``, each with its
     ``_ci``.
     """
@@ -85,7 +85,7 @@ def tradeoff_data(sweep: Sweep, results: AblationResults) -> list[dict[str, Any]
     ]
     points = []
     for label, m, drift in rows:
-        point = {"label": label, "kid": 1e3 * m["kid"], "kid_std": 1e3 * m["kid_std"]}
+        point = {"label": label, "kid": 1e3 * m["kid"], "kid_ci": 1e3 * m["kid_ci"]}
         point["drift"], point["drift_ci"] = 1e3 * drift, 0.0
         for key in keys:
             scale = 100.0 if key == "d_consistency" else 1.0

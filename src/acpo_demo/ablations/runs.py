@@ -92,6 +92,22 @@ def train_run(
     Raises:
         RuntimeError: the CLI refused the configuration (its message is printed above).
     """
+    return fit_overlay(overlay(setting, overrides, Path(run_dir)), run_dir, config)
+
+
+def fit_overlay(
+    tree: Mapping[str, Any], run_dir: str | Path, config: str | Path | None = None
+) -> float:
+    """Write ``tree`` to ``run_dir/overlay.yaml`` and fit the demo config with it.
+
+    ``acpo fit --config configs/demo.yaml --config <run_dir>/overlay.yaml`` repeats the run.
+
+    Returns:
+        The seconds ``fit`` took (the models' loading excluded).
+
+    Raises:
+        RuntimeError: the CLI refused the configuration (its message is printed above).
+    """
     import yaml
 
     from acpo_lightning.cli import build_cli
@@ -99,7 +115,7 @@ def train_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay(setting, overrides, run_dir), sort_keys=False))
+    path.write_text(yaml.safe_dump(dict(tree), sort_keys=False))
     with _quiet_lightning():
         try:
             cli = build_cli(
@@ -115,8 +131,10 @@ def train_run(
     return seconds
 
 
-def read_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every ``train/*`` scalar of a run's TensorBoard logs, ``tag -> [(step, value), ...]``."""
+def read_curves(
+    run_dir: str | Path, prefixes: tuple[str, ...] = ("train/",)
+) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under ``prefixes`` in a run's TensorBoard logs, ``tag -> [(step, value), ...]``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curves: dict[str, dict[int, float]] = {}
@@ -124,7 +142,7 @@ def read_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            if tag.startswith("train/"):
+            if tag.startswith(prefixes):
                 curves.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
     return {tag: sorted(points.items()) for tag, points in curves.items()}
 
@@ -208,9 +226,9 @@ def prepare_evaluation(setting: Setting) -> Evaluation:
 def _evaluate_model(evaluation: Evaluation, lora: Path | None) -> tuple[dict, Tensor]:
     module = evaluate.demo_module(None, lora, head=evaluation.parts["guidance"])
     images = evaluate.sample(module, evaluation.prompts, evaluation.seeds)
-    with warnings.catch_warnings():  # KID keeps its features: at most a few thousand, by design
-        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save")
-        row = evaluate.image_metrics(images, evaluation.labels, evaluation.parts, evaluation.real)
+    row = evaluate.image_metrics(
+        images, evaluation.labels, evaluation.parts, evaluation.real, evaluation.prompts
+    )
     return row, images
 
 
