@@ -6,6 +6,8 @@ hand-made per-image scores and features, so every number they check is known.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -168,3 +170,24 @@ def test_curve_report_reads_the_proxy_and_held_out_curves_with_the_base_at_step_
     assert lines[0] == "| ACPO | 0 | 0.600 (+0.000) | 0.500 (+0.000) |"
     assert lines[2] == "| ACPO | 20 | 0.800 (+0.200) | 0.490 (-0.010) |"
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_merge_joins_seed_runs_split_over_processes(tmp_path) -> None:
+    parts = []
+    for seeds in ([0, 1], [2]):
+        part = tmp_path / f"part{seeds[0]}"
+        part.mkdir()
+        record = {
+            "command": f"python -m acpo_demo.study seeds --seeds {seeds}", "seeds": seeds,
+            "rows": [_seed_rows(0.05, 0.0) for _ in seeds], "runs": {f"ACPO_seed{s}": {} for s in seeds},
+            "seconds": 60, "header": f"`python -m acpo_demo.study seeds --seeds {seeds}`: split test.\n\n",
+        }  # fmt: skip
+        (part / "study.json").write_text(json.dumps(record))
+        parts.append(part)
+    merged = study.merge_studies(parts, tmp_path / "all")
+    assert merged["seeds"] == [0, 1, 2] and merged["seconds"] == 120 and len(merged["rows"]) == 3
+    assert all(merged["goals"]["ACPO"].values())
+    text = (tmp_path / "all" / "study.md").read_text()
+    assert text.startswith("`python -m acpo_demo.study seeds --seeds [0, 1]` + `python")
+    with pytest.raises(ValueError, match="repeat training seeds"):
+        study.merge_studies([parts[0], parts[0]], tmp_path / "again")

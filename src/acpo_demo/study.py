@@ -6,6 +6,9 @@ Two stages, one command each (``make demo-study`` runs both)::
     python -m acpo_demo.study select --out outputs/demo_study   # candidates, one seed, val split
     python -m acpo_demo.study seeds --out outputs/demo_study    # 3 training seeds, test split
 
+``merge --parts A B --out C`` joins ``seeds`` runs split over processes (``--seeds 0 1`` in one,
+``--seeds 2`` in another) into one table.
+
 ``select`` trains each candidate of :data:`CANDIDATES` (objective and knobs) on training seed 0 and
 evaluates it on the *validation* wordings and seeds against the control; it ranks them by the
 independent evaluator's paired gain over the control and writes ``select.md``. The candidate that
@@ -311,23 +314,58 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
             models[name] = scorer.score(run_dir / "lora" / "last")
         rows_by_seed.append(scorer.compare(models))
         evaluate.save_grid(models[args.variants[0]][1][:12], args.out / f"samples_seed{seed}.png")
-    goals = {name: _goal(rows_by_seed, name) for name in args.variants if name != "control"}
-    text = _header(args, "test", time.time() - start) + seed_table(rows_by_seed, args.seeds)
+    record = {
+        "command": args.command, "seeds": args.seeds, "rows": rows_by_seed, "runs": runs,
+        "seconds": round(time.time() - start), "header": _header(args, "test", time.time() - start),
+    }  # fmt: skip
+    return write_study(record, args.out)
+
+
+def write_study(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Add the goal checks to ``record``; write ``study.md`` and ``study.json`` into ``out``."""
+    rows_by_seed = record["rows"]
+    names = [n for n in rows_by_seed[0] if n not in ("base", "control")]
+    record["goals"] = {name: _goal(rows_by_seed, name) for name in names}
+    text = record["header"] + seed_table(rows_by_seed, record["seeds"])
     text += "\n\nGoal (against the control, every training seed):\n\n" + "\n".join(
         f"- {name}: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in goal.items())
-        for name, goal in goals.items()
+        for name, goal in record["goals"].items()
     )
-    (args.out / "study.md").write_text(text + "\n")
-    record = {"seeds": args.seeds, "rows": rows_by_seed, "runs": runs, "goals": goals}
-    (args.out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "study.md").write_text(text + "\n")
+    (out / "study.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text, flush=True)
     return record
 
 
+def merge_studies(parts: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One study from the ``study.json`` of runs split over processes (e.g. one seed each).
+
+    The parts must share their evaluation (split, prompts, seeds, real images): each scored the
+    base itself, and the table keeps every part's own paired differences.
+    """
+    records = [json.loads((Path(part) / "study.json").read_text()) for part in parts]
+    seeds = [seed for record in records for seed in record["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the parts repeat training seeds: {seeds}.")
+    merged = {
+        "command": " + ".join(record["command"] for record in records),
+        "seeds": seeds,
+        "rows": [rows for record in records for rows in record["rows"]],
+        "runs": {k: v for record in records for k, v in record["runs"].items()},
+        "seconds": sum(record["seconds"] for record in records),
+        "parts": [str(part) for part in parts],
+        "header": records[0]["header"].replace(f"`{records[0]['command']}`", " + ".join(
+            f"`{record['command']}`" for record in records)),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    return write_study(merged, out)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point: ``select`` or ``seeds`` (see the module docstring)."""
+    """Entry point: ``select``, ``seeds`` or ``merge`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m acpo_demo.study", description=__doc__)
-    parser.add_argument("stage", choices=("select", "seeds"))
+    parser.add_argument("stage", choices=("select", "seeds", "merge"))
+    parser.add_argument("--parts", type=Path, nargs="+", help="merge: folders with study.json")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo_study"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -347,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv if argv is not None else sys.argv[1:]
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "merge":
+        return merge_studies(args.parts or [], args.out)
     with torch_threads(args.threads):
         return run_select(args) if args.stage == "select" else run_seeds(args)
 
