@@ -71,12 +71,13 @@ demo-study: install fashion-mnist  ## the demo's settings chosen on validation p
 ablations: install fashion-mnist  ## the demo's ablation sweeps for docs/ablations.md (full setting, about 35 min on 2 CPU cores)
 	$(PY) -m acpo_demo.ablations --setting full --out docs/ablations
 
-pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from scratch (about 95 min on 2 CPU cores)
+pretrain-demo: install fashion-mnist  ## retrain every shipped demo model from scratch (about 105 min on 2 CPU cores)
 	$(PY) -m acpo_demo.pretrain vae --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain classifier --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain evaluator --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain unet --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain guidance --out $(DEMO_WEIGHTS)
+	$(PY) -m acpo_demo.pretrain prompt-guidance --out $(DEMO_WEIGHTS)
 	$(PY) -m acpo_demo.pretrain check --out $(DEMO_WEIGHTS)
 
 bench: install  ## step-cost benchmark, the README's table (about 30 min on 2 CPU cores; writes outputs/bench/)

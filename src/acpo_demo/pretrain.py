@@ -3,10 +3,11 @@
 Subcommands, in dependency order (``make pretrain-demo`` runs them all)::
 
     python -m acpo_demo.pretrain vae          # AutoencoderKL 32x32x3 -> 8x8x4
-    python -m acpo_demo.pretrain classifier   # prompt-consistency / KID feature classifier
+    python -m acpo_demo.pretrain classifier   # prompt-consistency / FID-KID feature classifier
     python -m acpo_demo.pretrain unet         # latent UNet2DConditionModel (MiniLM tokens)
     python -m acpo_demo.pretrain guidance     # TwoStreamIQA guidance head
-    python -m acpo_demo.pretrain evaluator    # independent quality evaluator
+    python -m acpo_demo.pretrain prompt-guidance  # PromptAwareIQA guidance head (MiniLM prompts)
+    python -m acpo_demo.pretrain evaluator    # independent quality evaluator (softness, structure)
 
 Each writes into ``--out`` and records how it was made and its own figures in ``manifest.json``.
 Without ``--out`` it writes into the shipped ``src/acpo_demo/weights`` only when that folder is a
