@@ -148,11 +148,13 @@ class _Scorer:
         self.base, self.base_images = self.score(None)
 
     def score(self, lora: Path | None) -> tuple[dict, Tensor]:
+        start = time.time()
         module = evaluate.demo_module(None, lora, head=self.parts["guidance"])
         images = evaluate.sample(
             module, self.prompts, list(range(self.seeds)), seed_base=evaluate.SPLITS[self.split][1]
         )
         row = evaluate.image_metrics(images, self.labels, self.parts, self.real, self.prompts)
+        print(f"[study] scored {lora or 'base'} in {time.time() - start:.0f}s", flush=True)
         return row, images
 
     def compare(self, models: Mapping[str, tuple[dict, Tensor]]) -> dict[str, dict]:
