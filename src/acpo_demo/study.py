@@ -61,6 +61,16 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "rollout": {"model.objective": "rollout"},
     "data-share0.25": {"model.objective": "data", "model.perceptual_share": 0.25},
     "both-share0.25": {"model.objective": "both", "model.perceptual_share": 0.25},
+    "data-share0.25-anchor5": {
+        "model.objective": "data",
+        "model.perceptual_share": 0.25,
+        "model.w_anchor": 5.0,
+    },
+    "data-share0.25-wperc0.3": {
+        "model.objective": "data",
+        "model.perceptual_share": 0.25,
+        "model.w_perc": 0.3,
+    },
     "rollout-quality-head-only": {
         "model.objective": "rollout",
         "model.quality_head": {"class_path": "acpo_demo.load_demo_guidance_head"},
