@@ -17,7 +17,7 @@ import yaml
 
 from acpo_demo import ablations
 from acpo_demo.ablations import (
-    DEMO_DEFAULTS,
+    ABLATION_BASE,
     SETTINGS,
     AblationResults,
     RunResult,
@@ -37,14 +37,16 @@ def _points(setting: str, sweep: str) -> list[dict]:
     return [dict(p.overrides) for p in found.points]
 
 
-def test_demo_defaults_are_the_values_of_demo_yaml() -> None:
+def test_every_run_pins_the_study_base_whatever_demo_yaml_ships(tmp_path) -> None:
     from acpo_lightning import ACPOModule
 
-    model = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["model"]
     signature = inspect.signature(ACPOModule).parameters
-    for key, value in DEMO_DEFAULTS.items():
-        knob = key.removeprefix("model.")
-        assert model.get(knob, signature[knob].default) == value, knob
+    assert ABLATION_BASE["model.anchor_delta"] == signature["anchor_delta"].default
+    tree = overlay(SETTINGS["full"], {"model.tau": 100}, tmp_path)
+    for key, value in ABLATION_BASE.items():
+        expected = 100 if key == "model.tau" else value
+        assert tree["model"][key.removeprefix("model.")] == expected, key
+    assert tree["model"]["quality_head"] == ablations.ABLATION_HEAD
     assert ablations.DEMO_CONFIG == CONFIGS / "demo.yaml"
 
 
@@ -88,7 +90,7 @@ def test_every_tau_point_opens_the_gate_on_a_different_share_of_the_scored_steps
         open_sets.append(tuple(t for t in candidates if t <= point["model.tau"]))
     assert all(open_sets) and len(set(open_sets)) == len(open_sets)
     # why the sweep widens k_late: with the demo's 3 candidates, its taus >= 200 are one run
-    demo_candidates = timesteps[-DEMO_DEFAULTS["model.k_late"] :]
+    demo_candidates = timesteps[-ABLATION_BASE["model.k_late"] :]
     assert max(demo_candidates) == 200
     assert any(point["model.tau"] >= 200 for point in points)
 

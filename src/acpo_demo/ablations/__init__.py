@@ -41,9 +41,10 @@ from acpo_demo.ablations.runs import (
     train_run,
 )
 from acpo_demo.ablations.sweeps import (
+    ABLATION_BASE,
+    ABLATION_HEAD,
     CONSTRAINT_DELTA,
     DEMO_CONFIG,
-    DEMO_DEFAULTS,
     SETTINGS,
     Point,
     Setting,
@@ -54,9 +55,10 @@ from acpo_demo.ablations.sweeps import (
 )
 
 __all__ = [
+    "ABLATION_BASE",
+    "ABLATION_HEAD",
     "CONSTRAINT_DELTA",
     "DEMO_CONFIG",
-    "DEMO_DEFAULTS",
     "SETTINGS",
     "AblationResults",
     "Evaluation",

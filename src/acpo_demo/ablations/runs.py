@@ -209,12 +209,16 @@ class Evaluation:
 
 def prepare_evaluation(setting: Setting) -> Evaluation:
     """Load the evaluators and evaluate the base model once (the reference of every paired delta)."""
+    from acpo_demo.assets import load_demo_guidance_head
+
     prompts, labels = evaluate.heldout_prompts(setting.per_class)
+    parts = evaluate.load_parts()
+    parts["guidance"] = load_demo_guidance_head()  # the head the runs optimize (ABLATION_HEAD)
     evaluation = Evaluation(
         prompts=prompts,
         labels=labels,
         seeds=list(range(setting.seeds)),
-        parts=evaluate.load_parts(),
+        parts=parts,
         real=evaluate.real_reference(setting.real_count),
     )
     start = time.perf_counter()
