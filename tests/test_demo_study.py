@@ -191,3 +191,24 @@ def test_merge_joins_seed_runs_split_over_processes(tmp_path) -> None:
     assert text.startswith("`python -m acpo_demo.study seeds --seeds [0, 1]` + `python")
     with pytest.raises(ValueError, match="repeat training seeds"):
         study.merge_studies([parts[0], parts[0]], tmp_path / "again")
+
+
+def test_selection_ranks_candidates_meeting_the_goal_first_and_merges_split_runs(tmp_path) -> None:
+    def result(name: str, gain: float, fid_delta: float) -> dict:
+        rows = _seed_rows(gain, fid_delta)
+        rows[name] = rows.pop("ACPO")
+        return {"rows": rows, "runs": {}, "meets_goal": study._goal([rows], name)}
+
+    parts = []
+    for i, chunk in enumerate(({"big-but-worse-fid": (0.09, 0.5)}, {"small": (0.02, 0.0)})):
+        part = tmp_path / f"part{i}"
+        part.mkdir()
+        results = {name: result(name, *values) for name, values in chunk.items()}
+        header = f"`python -m acpo_demo.study select --out {part}`: split `val`; 3 min on this machine.\n\n"
+        study.write_select(results, header, part)
+        parts.append(part)
+    merged = study.merge_selects(parts, tmp_path / "all")
+    # the larger gain worsens FID beyond its interval: the goal ranks the smaller gain first
+    assert merged["ranked"] == ["small", "big-but-worse-fid"]
+    text = (tmp_path / "all" / "select.md").read_text()
+    assert "3 + 3 min in processes side by side" in text and "Chosen: **small**" in text

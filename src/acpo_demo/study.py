@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -246,13 +247,18 @@ def seed_table(rows_by_seed: Sequence[Mapping[str, dict]], seeds: Sequence[int])
 
 def _header(args: argparse.Namespace, split: str, seconds: float) -> str:
     count = args.per_class * 10
+    spread = (
+        "; the mean row gives the standard deviation over training seeds and the 95 % t interval "
+        "of their mean"
+        if split == "test"
+        else ""
+    )
     return (
         f"`{args.command}`: split `{split}`, {count} prompts x {args.eval_seeds} seeds = "
         f"{count * args.eval_seeds} images per model, FID/KID against {args.real_count} real test "
         f"images on the classifier's features; {args.max_steps or 'demo.yaml'} training steps; "
-        f"{seconds / 60:.0f} min on this machine. ± after a per-seed value is its 95 % interval "
-        "over evaluation seeds (paired; bootstrap over images for FID/KID); the mean row gives "
-        "the standard deviation over training seeds and the 95 % t interval of their mean.\n\n"
+        f"{seconds / 60:.0f} min on this machine. ± is a 95 % interval over evaluation seeds "
+        f"(paired; bootstrap over images for FID/KID){spread}.\n\n"
     )
 
 
@@ -271,11 +277,6 @@ def run_select(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     scorer = _Scorer("val", args.per_class, args.eval_seeds, args.real_count)
     results: dict[str, Any] = {}
-    lines = [
-        "| candidate | Δ eval IQA vs its control | Δ consistency vs control (points) "
-        "| ΔFID vs control | Δ guidance IQA vs base | diversity | meets the goal |",
-        "|---|---|---|---|---|---|---|",
-    ]
     controls: dict[str, tuple[dict, tuple[dict, Tensor]]] = {}
     for name in args.candidates:
         overrides = CANDIDATES[name]
@@ -291,8 +292,21 @@ def run_select(args: argparse.Namespace) -> dict[str, Any]:
             controls[key] = (trained, scorer.score(control_dir / "lora" / "last"))
         runs["control"], models["control"] = controls[key]
         rows = scorer.compare(models)
-        m = rows[name]
         results[name] = {"rows": rows, "runs": runs, "meets_goal": _goal([rows], name)}
+    return write_select(results, _header(args, "val", time.time() - start), args.out)
+
+
+def write_select(results: dict[str, Any], header: str, out: Path) -> dict[str, Any]:
+    """The selection table (one row per candidate, ranked); writes ``select.md`` and ``.json``."""
+    lines = [
+        "| candidate | Δ eval IQA vs its control | Δ consistency vs control (points) "
+        "| ΔFID vs control | Δ guidance IQA vs base | diversity | meets the goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ranked = rank_candidates(results)
+    for name in ranked:
+        rows = results[name]["rows"]
+        m = rows[name]
         lines.append(
             f"| {name} | {m['c_eval']:+.3f} ± {m['c_eval_ci']:.3f} "
             f"| {100 * m['c_consistency']:+.1f} ± {100 * m['c_consistency_ci']:.1f} "
@@ -300,17 +314,39 @@ def run_select(args: argparse.Namespace) -> dict[str, Any]:
             f"| {m['diversity']:.3f} (base {rows['base']['diversity']:.3f}) "
             f"| {'yes' if all(results[name]['meets_goal'].values()) else 'no'} |"
         )
-    ranked = rank_candidates(results)
     text = (
-        _header(args, "val", time.time() - start)
+        header
         + "\n".join(lines)
         + "\n\nRanked (those meeting every goal first, then by the independent evaluator's gain "
         + f"over the control): {', '.join(ranked)}. Chosen: **{ranked[0]}**.\n"
     )
-    (args.out / "select.md").write_text(text)
-    (args.out / "select.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "select.md").write_text(text)
+    record = {"header": header, "results": results, "ranked": ranked}
+    (out / "select.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text, flush=True)
-    return results
+    return record
+
+
+def merge_selects(parts: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One selection table from ``select`` runs split over processes (candidates in each)."""
+    results: dict[str, Any] = {}
+    commands: list[str] = []
+    minutes: list[str] = []
+    for part in parts:
+        record = json.loads((Path(part) / "select.json").read_text())
+        header = record.get("header") or (Path(part) / "select.md").read_text().split("\n\n")[0]
+        commands.append(header.split("`: ", 1)[0] + "`")
+        minutes += re.findall(r"(\d+) min on this machine", header)
+        rest = header.split("`: ", 1)[1]
+        part_results = record.get("results", record)
+        if set(part_results) & set(results):
+            raise ValueError(f"candidates {sorted(set(part_results) & set(results))} repeat.")
+        results.update(part_results)
+    rest = re.sub(
+        r"\d+ min on this machine", " + ".join(minutes) + " min in processes side by side", rest
+    ).split("\n\n")[0]
+    out.mkdir(parents=True, exist_ok=True)
+    return write_select(results, " + ".join(commands) + ": " + rest + "\n\n", out)
 
 
 def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
@@ -398,7 +434,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "merge":
-        return merge_studies(args.parts or [], args.out)
+        parts = args.parts or []
+        if parts and all((Path(part) / "select.json").is_file() for part in parts):
+            return merge_selects(parts, args.out)
+        return merge_studies(parts, args.out)
     with torch_threads(args.threads):
         return run_select(args) if args.stage == "select" else run_seeds(args)
 
