@@ -64,9 +64,9 @@ demo-no-anchor: install fashion-mnist  ## the demo with w_anchor 0 (for the repo
 	$(PY) -m acpo_demo.evaluate --out outputs/demo_no_anchor \
 		--run no-anchor=outputs/demo_no_anchor/lora/last --curves no-anchor=outputs/demo_no_anchor
 
-demo-study: install fashion-mnist  ## the demo's settings chosen on validation prompts, then ACPO, w_anchor 0 and the control over 3 training seeds on held-out prompts (outputs/demo_study; about 75 min on 2 CPU cores)
-	$(PY) -m acpo_demo.study select --out outputs/demo_study
-	$(PY) -m acpo_demo.study seeds --out outputs/demo_study
+demo-study: install fashion-mnist  ## the demo's settings chosen on validation prompts, then ACPO, w_anchor 0 and the control over 3 training seeds on held-out prompts (outputs/demo_study; about 85 min on 2 CPU cores)
+	$(PY) -m acpo_demo.study select --out outputs/demo_study --eval-seeds 50 --threads 1
+	$(PY) -m acpo_demo.study seeds --out outputs/demo_study --threads 1
 
 ablations: install fashion-mnist  ## the demo's ablation sweeps for docs/ablations.md (full setting, about 35 min on 2 CPU cores)
 	$(PY) -m acpo_demo.ablations --setting full --out docs/ablations
