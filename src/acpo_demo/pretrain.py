@@ -793,8 +793,8 @@ def train_prompt_guidance(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from acpo_demo.text import load_minilm, load_minilm_tokenizer
-    from acpo_lightning.quality.iqa_data import PromptPairDataset, collate_prompt_groups
     from acpo_lightning.quality.prompt_aware import PromptAwareIQA, PromptAwareNet, PromptEmbedder
+    from acpo_lightning.quality.prompt_data import PromptPairDataset, collate_prompt_groups
     from acpo_lightning.quality.training import PromptIQATrainingModule
 
     pl.seed_everything(args.seed)

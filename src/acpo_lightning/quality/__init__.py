@@ -21,10 +21,9 @@ if TYPE_CHECKING:
     from acpo_lightning.quality.iqa_data import (
         IQADataModule,
         MOSManifestDataset,
-        PromptPairDataset,
         SyntheticDistortionDataset,
-        collate_prompt_groups,
     )
+    from acpo_lightning.quality.prompt_data import PromptPairDataset, collate_prompt_groups
     from acpo_lightning.quality.pyiqa_head import PyiqaQualityHead, PyiqaWeightsError
     from acpo_lightning.quality.training import IQATrainingModule, PromptIQATrainingModule
 
@@ -36,8 +35,8 @@ _LAZY = {
     "IQADataModule": "acpo_lightning.quality.iqa_data",
     "MOSManifestDataset": "acpo_lightning.quality.iqa_data",
     "SyntheticDistortionDataset": "acpo_lightning.quality.iqa_data",
-    "PromptPairDataset": "acpo_lightning.quality.iqa_data",
-    "collate_prompt_groups": "acpo_lightning.quality.iqa_data",
+    "PromptPairDataset": "acpo_lightning.quality.prompt_data",
+    "collate_prompt_groups": "acpo_lightning.quality.prompt_data",
 }
 
 __all__ = [

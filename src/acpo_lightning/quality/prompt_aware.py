@@ -15,8 +15,8 @@ the text would give an image the same score under every prompt.
 :class:`PromptEmbedder` turns prompts into that embedding with any frozen Hugging Face text encoder
 (mean of the last hidden states over the attention mask, L2-normalized, the sentence-transformers
 recipe) and caches it per prompt. :class:`PromptAwareIQA` is the frozen quality head that ACPO
-uses; :class:`~acpo_lightning.quality.iqa_data.PromptPairDataset` and
-:func:`~acpo_lightning.quality.iqa_data.collate_prompt_groups` feed
+uses; :class:`~acpo_lightning.quality.prompt_data.PromptPairDataset` and
+:func:`~acpo_lightning.quality.prompt_data.collate_prompt_groups` feed
 :class:`~acpo_lightning.quality.training.PromptIQATrainingModule`.
 """
 

@@ -8,7 +8,7 @@ PLCC on the held-out split as ``val/srocc`` and ``val/plcc``.
 
 :class:`PromptIQATrainingModule` trains a
 :class:`~acpo_lightning.quality.prompt_aware.PromptAwareNet` the same way on prompt groups
-(:class:`~acpo_lightning.quality.iqa_data.PromptPairDataset`), with precomputed prompt
+(:class:`~acpo_lightning.quality.prompt_data.PromptPairDataset`), with precomputed prompt
 embeddings, and also reports ``val/mismatch_accuracy``.
 """
 
