@@ -22,7 +22,6 @@ uses; :class:`~acpo_lightning.quality.prompt_data.PromptPairDataset` and
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from acpo_lightning.quality.base import QualityHead, resize_to_native
@@ -45,10 +43,13 @@ from acpo_lightning.quality.two_stream import (
     _conv_stream,
     _mean_std_pool,
     export_folder,
+    load_export_weights,
+    read_export_config,
+    save_export,
+    sobel_gradient_maps,
 )
 
 ARCHITECTURE = "PromptAwareIQA"
-FORMAT_VERSION = 1
 _EPS = 1e-6
 
 
@@ -116,10 +117,7 @@ class PromptAwareNet(nn.Module):
     def image_features(self, images: Tensor) -> Tensor:
         """Pooled features of both streams, ``[B, 4 * channels[-1]]``."""
         images = resize_to_native(images, self.native_size)
-        gray = (images * self.luma.to(images.dtype)).sum(dim=1, keepdim=True)
-        grads = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.sobel.to(images.dtype))
-        magnitude = torch.sqrt(grads.pow(2).sum(dim=1, keepdim=True) + _EPS)
-        gradient_maps = torch.cat([grads, magnitude], dim=1)
+        gradient_maps = sobel_gradient_maps(images, self.luma, self.sobel)
         return torch.cat(
             [
                 _mean_std_pool(self.image_stream(images * 2.0 - 1.0)),
@@ -166,18 +164,7 @@ class PromptAwareNet(nn.Module):
         Returns:
             The folder.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {
-            "architecture": ARCHITECTURE,
-            "format_version": FORMAT_VERSION,
-            **self.config,
-            "metadata": dict(metadata or {}),
-        }
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return folder
+        return save_export(self, path, ARCHITECTURE, self.config, metadata)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> PromptAwareNet:
@@ -195,13 +182,7 @@ class PromptAwareNet(nn.Module):
             hidden=config["hidden"],
             native_size=config["native_size"],
         )
-        try:
-            net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {err}"
-            ) from err
-        return net
+        return load_export_weights(net, folder)
 
 
 def read_prompt_config(folder: str | Path) -> dict[str, Any]:
@@ -211,23 +192,13 @@ def read_prompt_config(folder: str | Path) -> dict[str, Any]:
         FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
         ValueError: the file describes another architecture or format version.
     """
-    folder = Path(folder)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found; a prompt-aware IQA export is a folder with "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by PromptAwareNet.save_pretrained or "
-                "PromptIQATrainingModule.export."
-            )
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    found = (config.get("architecture"), config.get("format_version"))
-    if found != (ARCHITECTURE, FORMAT_VERSION):
-        raise ValueError(
-            f"{folder / CONFIG_NAME} describes architecture={found[0]!r} format_version="
-            f"{found[1]!r}; expected {ARCHITECTURE!r} version {FORMAT_VERSION} (a TwoStream export "
-            "loads with TwoStreamIQA.from_pretrained)."
-        )
-    return config
+    return read_export_config(
+        folder,
+        ARCHITECTURE,
+        f"a prompt-aware IQA export is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, written by "
+        "PromptAwareNet.save_pretrained or PromptIQATrainingModule.export.",
+        " (A TwoStream export loads with TwoStreamIQA.from_pretrained.)",
+    )
 
 
 class PromptEmbedder(nn.Module):

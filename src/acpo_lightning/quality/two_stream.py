@@ -27,6 +27,7 @@ from acpo_lightning.quality.base import QualityHead, resize_to_native
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
+ARCHITECTURE = "TwoStreamIQA"
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4.0
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 _EPS = 1e-6
@@ -106,10 +107,7 @@ class TwoStreamNet(nn.Module):
 
     def gradient_maps(self, images: Tensor) -> Tensor:
         """Sobel ``gx``, ``gy`` and magnitude of the luminance, ``[B, 3, H, W]``."""
-        gray = (images * self.luma.to(images.dtype)).sum(dim=1, keepdim=True)
-        grads = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), self.sobel.to(images.dtype))
-        magnitude = torch.sqrt(grads.pow(2).sum(dim=1, keepdim=True) + _EPS)
-        return torch.cat([grads, magnitude], dim=1)
+        return sobel_gradient_maps(images, self.luma, self.sobel)
 
     def logits(self, images: Tensor) -> Tensor:
         """Unbounded quality logits ``[B]``; :meth:`forward` is their sigmoid."""
@@ -132,18 +130,7 @@ class TwoStreamNet(nn.Module):
         Returns:
             The folder.
         """
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {
-            "architecture": "TwoStreamIQA",
-            "format_version": FORMAT_VERSION,
-            **self.config,
-            "metadata": dict(metadata or {}),
-        }
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return folder
+        return save_export(self, path, ARCHITECTURE, self.config, metadata)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> TwoStreamNet:
@@ -164,13 +151,7 @@ class TwoStreamNet(nn.Module):
         net = cls(
             channels=config["channels"], hidden=config["hidden"], native_size=config["native_size"]
         )
-        try:
-            net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {err}"
-            ) from err
-        return net
+        return load_export_weights(net, folder)
 
 
 def export_folder(path: str | Path) -> Path:
@@ -186,24 +167,92 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
         ValueError: the file describes another architecture or format version.
     """
+    return read_export_config(
+        folder,
+        ARCHITECTURE,
+        f"a TwoStream export is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}, written by "
+        "TwoStreamNet.save_pretrained or IQATrainingModule.export.",
+        " Re-export the model with this version of acpo-lightning.",
+    )
+
+
+# --------------------------------------------------------------- the export format, shared by nets
+def save_export(
+    net: nn.Module,
+    path: str | Path,
+    architecture: str,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``net``'s weights (``model.safetensors``) and ``config.json`` into the folder ``path``.
+
+    The config holds ``architecture``, :data:`FORMAT_VERSION`, the constructor arguments
+    ``config`` and ``metadata``. Returns the folder.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    record = {
+        "architecture": architecture,
+        "format_version": FORMAT_VERSION,
+        **config,
+        "metadata": dict(metadata or {}),
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def read_export_config(
+    folder: str | Path, architecture: str, layout: str, advice: str
+) -> dict[str, Any]:
+    """Read ``folder``'s ``config.json`` and check it describes ``architecture`` at this version.
+
+    Args:
+        folder: an export folder.
+        architecture: the expected ``architecture`` entry.
+        layout: what such an export is (the missing-file error's fix).
+        advice: appended to the wrong-architecture error.
+
+    Raises:
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: the file describes another architecture or format version.
+    """
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found; a TwoStream export is a folder with {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME}, written by TwoStreamNet.save_pretrained or IQATrainingModule.export."
-            )
+            raise FileNotFoundError(f"{folder / name} not found; {layout}")
     config = json.loads((folder / CONFIG_NAME).read_text())
-    if (
-        config.get("architecture") != "TwoStreamIQA"
-        or config.get("format_version") != FORMAT_VERSION
-    ):
+    found = (config.get("architecture"), config.get("format_version"))
+    if found != (architecture, FORMAT_VERSION):
         raise ValueError(
-            f"{folder / CONFIG_NAME} describes architecture={config.get('architecture')!r} "
-            f"format_version={config.get('format_version')!r}; expected 'TwoStreamIQA' version "
-            f"{FORMAT_VERSION}. Re-export the model with this version of acpo-lightning."
+            f"{folder / CONFIG_NAME} describes architecture={found[0]!r} format_version="
+            f"{found[1]!r}; expected {architecture!r} version {FORMAT_VERSION}.{advice}"
         )
     return config
+
+
+def load_export_weights(net: nn.Module, folder: Path) -> nn.Module:
+    """Load ``folder``'s safetensors into ``net`` (strict); returns ``net``.
+
+    Raises:
+        ValueError: the weights do not match the network its config describes.
+    """
+    try:
+        net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {err}"
+        ) from err
+    return net
+
+
+def sobel_gradient_maps(images: Tensor, luma: Tensor, sobel: Tensor) -> Tensor:
+    """Sobel ``gx``, ``gy`` and magnitude of the luminance ``luma . images``, ``[B, 3, H, W]``."""
+    gray = (images * luma.to(images.dtype)).sum(dim=1, keepdim=True)
+    grads = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), sobel.to(images.dtype))
+    magnitude = torch.sqrt(grads.pow(2).sum(dim=1, keepdim=True) + _EPS)
+    return torch.cat([grads, magnitude], dim=1)
 
 
 class TwoStreamIQA(QualityHead):
