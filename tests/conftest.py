@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,19 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never touch a hub: any accidental download fails fast instead of hanging."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def quiet_single_thread():
+    """One intra-op thread (tiny convs gain nothing from two busy cores) and no Lightning banners."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    torch.set_num_threads(threads)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 
 import lightning.pytorch as pl
 import pytest
@@ -190,18 +189,6 @@ def test_mismatch_accuracy_by_hand() -> None:
 
 
 # -------------------------------------------------------------------------------------- training
-@pytest.fixture
-def quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)
-    logger.setLevel(level)
-
-
 @pytest.mark.slow
 def test_training_puts_matched_captions_above_mismatched_on_held_out_images(
     tmp_path, encoder, tokenizer, quiet_single_thread

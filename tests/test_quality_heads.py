@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import logging
 import math
 import subprocess
 import sys
@@ -274,19 +273,6 @@ def test_ranking_and_plcc_losses_by_hand() -> None:
         torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])
     ).item() == pytest.approx(0.0)
     assert plcc_loss(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(0.5)
-
-
-@pytest.fixture
-def quiet_single_thread():
-    """One intra-op thread (tiny convs gain nothing from two busy cores) and no Lightning banners."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)
-    logger.setLevel(level)
 
 
 def _trainer(**kwargs) -> pl.Trainer:
