@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -170,7 +171,7 @@ def image_metrics(
     images: Tensor,
     labels: list[int],
     parts: dict,
-    real: Tensor,
+    real_features: Tensor,
     prompts: list[str] | None = None,
 ) -> dict[str, float]:
     """All table columns for images ``[S, P, 3, H, W]`` of prompts with class ``labels``.
@@ -179,7 +180,7 @@ def image_metrics(
         images: ``S`` seeds of ``P`` prompts, in ``[0, 1]``.
         labels: the prompts' classes.
         parts: :func:`load_parts`.
-        real: real images in ``[0, 1]``, the FID/KID reference.
+        real_features: :func:`classifier_features` of the real images, the FID/KID reference.
         prompts: the ``P`` prompts (passed to the guidance head; a prompt-aware head needs them).
 
     Returns:
@@ -194,15 +195,14 @@ def image_metrics(
     guide = _batched(lambda x, p: parts["guidance"](x, p), flat, flat_prompts).view(seeds, count)
     evaluation = _batched(lambda x, _: parts["evaluator"](x), flat).view(seeds, count)
     classifier = parts["classifier"]
-    extractor = ClassifierFeatures(classifier)
     probs = _batched(lambda x, _: classifier(x), flat).softmax(-1).view(seeds, count, -1)
     target = torch.tensor(labels).expand(seeds, -1)
     hit = (probs.argmax(-1) == target).float()
     p_true = probs.gather(-1, target[..., None]).squeeze(-1)
-    feats = _batched(lambda x, _: extractor(x), flat)
+    feats = classifier_features(parts, flat)
     by_prompt = feats.view(seeds, count, -1).transpose(0, 1)
     diversity = torch.cdist(by_prompt, by_prompt).sum((1, 2)) / (seeds * (seeds - 1))
-    distance = feature_distances({"model": feats}, _batched(lambda x, _: extractor(x), real))
+    distance = feature_distances({"model": feats}, real_features)
     g_mean, g_ci = mean_ci(guide.mean(1))
     e_mean, e_ci = mean_ci(evaluation.mean(1))
     return {
@@ -221,6 +221,13 @@ def _batched(fn, images: Tensor, prompts: list[str] | None = None, size: int = 5
         fn(images[i : i + size], None if prompts is None else prompts[i : i + size])
         for i in range(0, len(images), size)
     ])  # fmt: skip
+
+
+@torch.no_grad()
+def classifier_features(parts: dict, images: Tensor) -> Tensor:
+    """The classifier's penultimate features of ``images`` (FID/KID and diversity space)."""
+    extractor = ClassifierFeatures(parts["classifier"])
+    return _batched(lambda x, _: extractor(x), images)
 
 
 #: Per-image scores whose paired differences the table reports: (key, delta name).
@@ -340,8 +347,62 @@ def real_reference(count: int = 2000, start: int = 0) -> Tensor:
     return (test[start : start + count] + 1) / 2
 
 
+class Scorer:
+    """Samples and scores models on one split; the base is scored once and every delta is paired.
+
+    Args:
+        split: ``test`` (held-out wordings and seeds) or ``val``.
+        per_class: prompts per class.
+        seeds: seeds per prompt (``per_class * 10 * seeds`` images per model).
+        real_count: real test images of the FID/KID reference (their features computed once).
+        parts: :func:`load_parts` (default: the shipped ones).
+        unet: the base UNet folder (default: shipped).
+
+    Example:
+        >>> scorer = Scorer("val", seeds=50)  # doctest: +SKIP
+        >>> rows = scorer.compare({"ACPO": scorer.score("ACPO", "lora/last"),
+        ...                        "control": scorer.score("control", "control/lora/last")})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        split: str = "test",
+        per_class: int = 2,
+        seeds: int = 50,
+        real_count: int = 2000,
+        parts: dict | None = None,
+        unet: str | None = None,
+    ) -> None:
+        self.split, self.seeds, self.unet = split, seeds, unet
+        self.prompts, self.labels = heldout_prompts(per_class, split)
+        self.parts = parts if parts is not None else load_parts()
+        self.real_features = classifier_features(self.parts, real_reference(real_count))
+        self.base, self.base_images = self.score("base", None)
+
+    def score(self, name: str, lora: str | Path | None) -> tuple[dict, Tensor]:
+        """The row (:func:`image_metrics`) and images ``[S, P, 3, H, W]`` of a LoRA (or the base)."""
+        start = time.time()
+        module = demo_module(self.unet, lora, head=self.parts["guidance"])
+        seed_base = SPLITS[self.split][1]
+        images = sample(module, self.prompts, list(range(self.seeds)), seed_base=seed_base)
+        row = image_metrics(images, self.labels, self.parts, self.real_features, self.prompts)
+        shown = {k: round(v, 4) for k, v in row.items() if k != "per_image"}
+        print(f"[evaluate] {name}: {time.time() - start:.0f}s {shown}", flush=True)
+        return row, images
+
+    def compare(self, models: Mapping[str, tuple[dict, Tensor]]) -> dict[str, dict]:
+        """Rows of the base and ``models`` with paired deltas (:func:`add_paired_deltas`) and each
+        model's RMS pixel distance to the base's images (``pixel_drift``)."""
+        rows = {"base": dict(self.base), **{name: dict(row) for name, (row, _) in models.items()}}
+        rows["base"]["pixel_drift"] = 0.0
+        for name, (_, images) in models.items():
+            rows[name]["pixel_drift"] = float((images - self.base_images).pow(2).mean().sqrt())
+        add_paired_deltas(rows, self.real_features)
+        return rows
+
+
 def evaluate_runs(
-    runs: dict[str, str | Path | None],
+    runs: dict[str, str | Path],
     split: str = "test",
     per_class: int = 2,
     seeds: int = 50,
@@ -353,38 +414,20 @@ def evaluate_runs(
     """Sample and score the base and every run on one split; paired deltas included.
 
     Args:
-        runs: name to LoRA folder (``None``: the base itself). ``base`` is added first when
-            missing; a run named ``control`` is the reference of the ``c_...`` columns.
-        split: ``test`` (held-out wordings and seeds) or ``val``.
-        per_class: prompts per class.
-        seeds: seeds per prompt (``per_class * 10 * seeds`` images per model).
-        real_count: real test images of the FID/KID reference.
-        parts: :func:`load_parts` (default: the shipped ones).
+        runs: name to LoRA folder; a run named ``control`` is the reference of the ``c_...``
+            columns.
+        split, per_class, seeds, real_count, parts, unet: see :class:`Scorer`.
         out: where to save one sample grid per model (``None``: none).
-        unet: the base UNet folder (default: shipped).
 
     Returns:
-        One row per model (see :func:`image_metrics` and :func:`add_paired_deltas`).
+        One row per model, the base first (see :meth:`Scorer.compare`).
     """
-    from acpo_demo.classifier import ClassifierFeatures
-
-    prompts, labels = heldout_prompts(per_class, split)
-    parts = parts if parts is not None else load_parts()
-    real = real_reference(real_count)
-    with torch.no_grad():
-        real_features = _batched(lambda x, _: ClassifierFeatures(parts["classifier"])(x), real)
-    rows: dict[str, dict] = {}
-    for name, lora in {"base": None, **runs}.items():
-        start = time.time()
-        module = demo_module(unet, lora, head=parts["guidance"])
-        images = sample(module, prompts, list(range(seeds)), seed_base=SPLITS[split][1])
-        rows[name] = image_metrics(images, labels, parts, real, prompts)
-        if out is not None:
+    scorer = Scorer(split, per_class, seeds, real_count, parts, unet)
+    models = {name: scorer.score(name, lora) for name, lora in runs.items()}
+    if out is not None:
+        for name, (_, images) in {"base": (None, scorer.base_images), **models}.items():
             save_grid(images[: min(seeds, 12)], out / f"samples_{name}.png")
-        shown = {k: round(v, 4) for k, v in rows[name].items() if k != "per_image"}
-        print(f"[evaluate] {name}: {time.time() - start:.0f}s {shown}", flush=True)
-    add_paired_deltas(rows, real_features)
-    return rows
+    return scorer.compare(models)
 
 
 #: The training-time curves of configs/demo.yaml: the proxy and the independent evaluator.

@@ -144,40 +144,6 @@ def _train(
     }
 
 
-class _Scorer:
-    """Samples and scores models on one split, with the base scored once (every delta is paired)."""
-
-    def __init__(self, split: str, per_class: int, seeds: int, real_count: int) -> None:
-        from acpo_demo.classifier import ClassifierFeatures
-
-        self.split, self.seeds = split, seeds
-        self.prompts, self.labels = evaluate.heldout_prompts(per_class, split)
-        self.parts = evaluate.load_parts()
-        self.real = evaluate.real_reference(real_count)
-        with torch.no_grad():
-            self.real_features = ClassifierFeatures(self.parts["classifier"])(self.real)
-        self.base, self.base_images = self.score(None)
-
-    def score(self, lora: Path | None) -> tuple[dict, Tensor]:
-        start = time.time()
-        module = evaluate.demo_module(None, lora, head=self.parts["guidance"])
-        images = evaluate.sample(
-            module, self.prompts, list(range(self.seeds)), seed_base=evaluate.SPLITS[self.split][1]
-        )
-        row = evaluate.image_metrics(images, self.labels, self.parts, self.real, self.prompts)
-        print(f"[study] scored {lora or 'base'} in {time.time() - start:.0f}s", flush=True)
-        return row, images
-
-    def compare(self, models: Mapping[str, tuple[dict, Tensor]]) -> dict[str, dict]:
-        """Rows with paired deltas to the base and to ``control`` (which ``models`` must hold)."""
-        rows = {"base": dict(self.base), **{name: dict(row) for name, (row, _) in models.items()}}
-        for name, (_, images) in models.items():
-            rows[name]["pixel_drift"] = float((images - self.base_images).pow(2).mean().sqrt())
-        rows["base"]["pixel_drift"] = 0.0
-        evaluate.add_paired_deltas(rows, self.real_features)
-        return rows
-
-
 def _goal(rows_by_seed: Sequence[Mapping[str, dict]], name: str) -> dict[str, Any]:
     """The issue's goal for variant ``name`` against each seed's control."""
     runs = [rows[name] for rows in rows_by_seed]
@@ -275,21 +241,24 @@ def rank_candidates(results: Mapping[str, dict]) -> list[str]:
 def run_select(args: argparse.Namespace) -> dict[str, Any]:
     """Train each candidate and its control on seed 0; rank on the validation split."""
     start = time.time()
-    scorer = _Scorer("val", args.per_class, args.eval_seeds, args.real_count)
+    scorer = evaluate.Scorer("val", args.per_class, args.eval_seeds, args.real_count)
     results: dict[str, Any] = {}
     controls: dict[str, tuple[dict, tuple[dict, Tensor]]] = {}
     for name in args.candidates:
         overrides = CANDIDATES[name]
         run_dir = args.out / "runs" / "select" / name
         runs = {name: _train(name, overrides, 0, run_dir, args)}
-        models = {name: scorer.score(run_dir / "lora" / "last")}
+        models = {name: scorer.score(name, run_dir / "lora" / "last")}
         control = {k: v for k, v in overrides.items() if k not in _INERT_WITHOUT_GUIDANCE}
         control["model.w_perc"] = 0.0
         key = json.dumps(control, sort_keys=True)
         if key not in controls:  # candidates that differ only in the head share one control
             control_dir = args.out / "runs" / "select" / f"{name}_control"
             trained = _train("control", control, 0, control_dir, args)
-            controls[key] = (trained, scorer.score(control_dir / "lora" / "last"))
+            controls[key] = (
+                trained,
+                scorer.score(f"{name} control", control_dir / "lora" / "last"),
+            )
         runs["control"], models["control"] = controls[key]
         rows = scorer.compare(models)
         results[name] = {"rows": rows, "runs": runs, "meets_goal": _goal([rows], name)}
@@ -352,14 +321,14 @@ def merge_selects(parts: Sequence[Path], out: Path) -> dict[str, Any]:
 def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     """Train every variant for every training seed; measure on the held-out split."""
     start = time.time()
-    scorer = _Scorer("test", args.per_class, args.eval_seeds, args.real_count)
+    scorer = evaluate.Scorer("test", args.per_class, args.eval_seeds, args.real_count)
     rows_by_seed, runs = [], {}
     for seed in args.seeds:
         models = {}
         for name in args.variants:
             run_dir = args.out / "runs" / "seeds" / f"{name}_seed{seed}"
             runs[f"{name}_seed{seed}"] = _train(name, VARIANTS[name], seed, run_dir, args)
-            models[name] = scorer.score(run_dir / "lora" / "last")
+            models[name] = scorer.score(f"{name} seed {seed}", run_dir / "lora" / "last")
         rows_by_seed.append(scorer.compare(models))
         evaluate.save_grid(models[args.variants[0]][1][:12], args.out / f"samples_seed{seed}.png")
     record = {

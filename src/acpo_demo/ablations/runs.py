@@ -188,7 +188,8 @@ def curve_summary(curves: Mapping[str, list[tuple[int, float]]]) -> dict[str, An
 # ------------------------------------------------------------------------------ evaluation
 @dataclass
 class Evaluation:
-    """The held-out prompts and seeds, the frozen evaluators, the KID reference and the base's result.
+    """The held-out prompts and seeds, the frozen evaluators, the real images' features (the FID/KID
+    reference) and the base's result.
 
     Built once per sweep run by :func:`prepare_evaluation`; every run is paired with ``base``.
 
@@ -201,7 +202,7 @@ class Evaluation:
     labels: list[int]
     seeds: list[int]
     parts: dict
-    real: Tensor
+    real_features: Tensor
     base: dict = field(default_factory=dict)
     base_images: Tensor | None = None
     seconds: float = 0.0
@@ -219,7 +220,9 @@ def prepare_evaluation(setting: Setting) -> Evaluation:
         labels=labels,
         seeds=list(range(setting.seeds)),
         parts=parts,
-        real=evaluate.real_reference(setting.real_count),
+        real_features=evaluate.classifier_features(
+            parts, evaluate.real_reference(setting.real_count)
+        ),
     )
     start = time.perf_counter()
     evaluation.base, evaluation.base_images = _evaluate_model(evaluation, None)
@@ -231,7 +234,7 @@ def _evaluate_model(evaluation: Evaluation, lora: Path | None) -> tuple[dict, Te
     module = evaluate.demo_module(None, lora, head=evaluation.parts["guidance"])
     images = evaluate.sample(module, evaluation.prompts, evaluation.seeds)
     row = evaluate.image_metrics(
-        images, evaluation.labels, evaluation.parts, evaluation.real, evaluation.prompts
+        images, evaluation.labels, evaluation.parts, evaluation.real_features, evaluation.prompts
     )
     return row, images
 
