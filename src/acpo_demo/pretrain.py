@@ -632,6 +632,14 @@ class RealVsGeneratedDataset(torch.utils.data.Dataset):
         return {"images": images, "target": target}
 
 
+def base_sample_captions(count: int, seed: int) -> list[tuple[int, str]]:
+    """The (label, caption) of each of :func:`base_samples`' ``count`` samples, drawn from ``seed``."""
+    captions = all_captions("train")
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(captions), (count,), generator=gen).tolist()
+    return [captions[i] for i in picks]
+
+
 @torch.no_grad()
 def base_samples(
     count: int, seed: int, guidance_scale: float, unet_path: str | None = None
@@ -641,10 +649,7 @@ def base_samples(
     from acpo_lightning.quality.two_stream import TwoStreamIQA
 
     module = ev.demo_module(unet_path, None, head=TwoStreamIQA())
-    captions = all_captions("train")
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(captions), (count,), generator=gen).tolist()
-    prompts = [captions[i][1] for i in picks]
+    prompts = [text for _, text in base_sample_captions(count, seed)]
     return torch.cat([
         module.generate(prompts[i : i + 100], seed=seed * 100_000 + i, guidance_scale=guidance_scale)
         for i in range(0, count, 100)
@@ -716,14 +721,6 @@ def train_guidance(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- prompt-aware head
-def base_sample_captions(count: int, seed: int) -> list[tuple[int, str]]:
-    """The (label, caption) of each of :func:`base_samples`' ``count`` samples (its own draw, redone)."""
-    captions = all_captions("train")
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(captions), (count,), generator=gen).tolist()
-    return [captions[i] for i in picks]
-
-
 def fashion_caption_fn(wording: str = "train") -> Callable[[int, torch.Generator], str]:
     """``captions_fn`` for :class:`PromptPairDataset`: a random template and synonym of the class."""
     from acpo_demo.fashion import caption
