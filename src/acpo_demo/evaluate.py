@@ -127,7 +127,7 @@ def lora_layout(lora: str | Path) -> tuple[int, list[str]]:
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             marker = next((m for m in (".lora_A.", ".lora.down.") if m in key), None)
-            if marker:  # diffusers writes attention LoRA as lora.down/up, convs as lora_A/B
+            if marker:  # our UNet files: lora.down/up; peft's layout and older exports: lora_A/B
                 module = key.split(marker)[0].split(".")
                 targets.add(".".join(module[-2:]) if module[-1].isdigit() else module[-1])
                 rank = f.get_slice(key).get_shape()[0]

@@ -130,15 +130,37 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def to_file_layout(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """peft LoRA keys (adapter name removed) in the layout of diffusers' ``save_lora_weights``.
 
-    UNets (``prefix`` ``unet``) are converted to diffusers' own key names, as its SD and SDXL
-    training scripts save them; transformers (``transformer``: SD3, FLUX) keep peft's names, as
-    its SD3 and FLUX training scripts save them. Either way the keys carry the ``prefix``.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
+    UNets (``prefix`` ``unet``) get diffusers' names, ``<module>.lora.down.weight`` /
+    ``<module>.lora.up.weight``, for *every* module (attention, convolutions, projections): the
+    names its SD and SDXL training scripts save for the attention projections they adapt.
+    Transformers (``transformer``: SD3, FLUX) keep peft's ``lora_A`` / ``lora_B``, as its SD3
+    and FLUX scripts save them. Either way the keys carry the ``prefix``.
 
+    One layout for all keys matters: diffusers' loader (``loaders/peft.py``
+    ``load_lora_adapter``) looks at the first key only and converts the whole file from
+    ``lora.down`` names only if that key has no ``lora_A``, so the keys of a mixed file that
+    sort after the first one in the other layout match no module and are dropped silently.
+
+    Raises:
+        ValueError: a UNet key that diffusers' conversion would not map back to itself.
+    """
     if prefix == "unet":
-        state = convert_state_dict_to_diffusers(state)
+        state = {_diffusers_unet_key(k): v for k, v in state.items()}
     return {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _diffusers_unet_key(key: str) -> str:
+    """``<module>.lora_A.<rest>`` as ``<module>.lora.down.<rest>`` (``lora_B``: ``lora.up``);
+    checked against ``convert_unet_state_dict_to_peft``, the inverse diffusers' loader applies."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    renamed = key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+    if list(convert_unet_state_dict_to_peft({renamed: None})) != [key]:
+        raise ValueError(
+            f"the LoRA key {key!r} has no diffusers name that its loader maps back to it; "
+            "export this adapter with peft's save_pretrained instead."
+        )
+    return renamed
 
 
 def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
@@ -216,7 +238,8 @@ def load_lora(model: nn.Module, path: str | Path, prefix: str = "unet") -> nn.Mo
 
     Raises:
         FileNotFoundError: no weight file at ``path``.
-        ValueError: the file's keys do not match the model's adapter.
+        ValueError: the file is not safetensors, or its modules are not exactly the adapter's (a
+            module missing from the file, or one the model has no adapter on); nothing is loaded.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors.torch import load_file
@@ -239,14 +262,42 @@ def load_lora(model: nn.Module, path: str | Path, prefix: str = "unet") -> nn.Mo
             "in an environment you trust."
         ) from error
     state = {k.removeprefix(f"{prefix}."): v for k, v in raw.items()}
-    state = convert_unet_state_dict_to_peft(state)
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", []) or []
-    loaded = {k for k in get_peft_model_state_dict(model)}
-    missing = [k for k in loaded if k not in state and k.replace(".default", "") not in state]
-    if unexpected or len(missing) == len(loaded):
-        raise ValueError(
-            f"LoRA file {path} does not match the model's adapter (unexpected keys {unexpected[:3]}, "
-            f"{len(missing)} of {len(loaded)} adapter weights missing); check rank and target_modules."
-        )
+    state = convert_unet_state_dict_to_peft(state)  # either layout, key by key
+    check_lora_coverage(set(get_peft_model_state_dict(model)), set(state), path)
+    set_peft_model_state_dict(model, state)
     return model
+
+
+def check_lora_coverage(expected: set[str], found: set[str], path: str | Path) -> None:
+    """Refuse a LoRA file whose modules are not exactly the adapter's (peft key names).
+
+    A partial file would leave the other modules' adapter weights as they were (random or zero)
+    without a word; a file with modules the model lacks was trained with other targets.
+
+    Raises:
+        ValueError: naming the missing and the unknown modules.
+    """
+    missing, unknown = _modules(expected - found), _modules(found - expected)
+    if not missing and not unknown:
+        return
+    parts = []
+    if missing:
+        parts.append(f"it has no weights for {len(missing)} adapted module(s) {_listed(missing)}")
+    if unknown:
+        parts.append(
+            f"it has weights for {len(unknown)} module(s) without adapter {_listed(unknown)}"
+        )
+    raise ValueError(
+        f"LoRA file {path} does not match the model's adapter: {'; '.join(parts)}. Build the "
+        "adapter with the rank and target_modules the file was trained with (add_lora), or "
+        "export the whole adapter again."
+    )
+
+
+def _modules(keys: set[str]) -> list[str]:
+    return sorted({k.split(".lora_")[0] for k in keys})
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
