@@ -10,6 +10,7 @@ tables list; ``comfy/weight_adapter/lora.py`` adds ``(alpha / down.shape[0]) * u
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
@@ -74,8 +75,11 @@ _FLUX_TABLE = [
      {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"}),
     ("", _EMBEDDERS | {"context_embedder", "x_embedder", "norm_out.linear", "proj_out"}),
 ]  # fmt: skip
+# mmdit_to_diffusers also maps SD3.5-Medium's second image attention (since 2024-10-30): attn2.to_q,
+# to_k, to_v onto slices of x_block.attn2.qkv, attn2.to_out.0 onto x_block.attn2.proj (MMDIT_MAP_BLOCK)
+_SD3_ATTENTION_2 = {"attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"}
 _SD3_TABLE = [
-    (r"transformer_blocks\.\d+", _JOINT_ATTENTION),
+    (r"transformer_blocks\.\d+", _JOINT_ATTENTION | _SD3_ATTENTION_2),
     ("", _EMBEDDERS | {"context_embedder", "pos_embed.proj", "norm_out.linear", "proj_out"}),
 ]
 
@@ -204,20 +208,27 @@ def test_unet_lora_maps_onto_every_adapted_module_with_its_delta(factory, target
     [
         (tiny_flux, (*JOINT_ATTENTION_PROJECTIONS, "proj_mlp")),
         (tiny_sd3, JOINT_ATTENTION_PROJECTIONS),
+        # SD3.5-Medium: the second image attention (attn2) in block 0, with every other target
+        (partial(tiny_sd3, dual_attention_layers=(0,)), JOINT_ATTENTION_PROJECTIONS),
     ],
-    ids=["flux", "sd3"],
+    ids=["flux", "sd3", "sd35-attn2"],
 )
 def test_transformer_lora_maps_onto_every_adapted_module_with_its_delta(factory, targets) -> None:
     base, model, lora = _convert(factory, targets, "transformer")
     table = _FLUX_TABLE if factory is tiny_flux else _SD3_TABLE
     key_map = comfyui_key_map(base, "lora_transformer", table)
+    if targets is JOINT_ATTENTION_PROJECTIONS and factory is not tiny_sd3:  # SD3.5-Medium
+        assert any(".attn2." in name for name in key_map.values()), "no attn2 in the model"
     assert_comfyui_loads_the_adapter(model, key_map, lora, "lora_transformer")
 
 
 def test_modules_comfyui_does_not_map_are_refused_by_name() -> None:
-    model = add_lora(tiny_sd3(dual_attention_layers=(0,)), RANK, ALPHA, ["to_q"])
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn2\.to_q.*--format diffusers"):
-        comfyui_lora_state_dict(get_peft_model_state_dict(model), RANK, ALPHA, "transformer")
+    # attn2 of SD3.5-Medium has no text-stream projections, so ComfyUI's table has none
+    unmapped = "transformer_blocks.0.attn2.add_q_proj"
+    state = {f"{unmapped}.lora_A.weight": torch.ones(RANK, 8),
+             f"{unmapped}.lora_B.weight": torch.ones(8, RANK)}  # fmt: skip
+    with pytest.raises(ValueError, match=rf"{re.escape(unmapped)}.*--format diffusers"):
+        comfyui_lora_state_dict(state, RANK, ALPHA, "transformer")
     model = add_lora(T.tiny_unet(), RANK, ALPHA, ["linear_1"])  # time_embedding: mapped
     assert comfyui_lora_state_dict(get_peft_model_state_dict(model), RANK, ALPHA, "unet")
     with pytest.raises(ValueError, match=r"rank 4, expected 2"):

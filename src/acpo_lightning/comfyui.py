@@ -27,8 +27,10 @@ saved by peft fail to load there. What it reads, and where that is written down:
   (``UNET_MAP_ATTENTIONS``, ``TRANSFORMER_BLOCKS``, ``UNET_MAP_RESNET``, ``UNET_MAP_BASIC``;
   ``flux_to_diffusers``' block maps; ``MMDIT_MAP_BLOCK`` / ``MMDIT_MAP_BASIC``); a key outside them
   is logged as "lora key not loaded" and ignored. :data:`COMFYUI_MODULES` restates those tables,
-  and a module outside them is refused here instead. SD3.5-Medium's second attention
-  (``attn2``) is not in ``mmdit_to_diffusers``, so it is refused.
+  and a module outside them is refused here instead. SD3.5-Medium's second image attention
+  (``attn2``) is in ``mmdit_to_diffusers``: ``attn2.to_q`` / ``to_k`` / ``to_v`` patch slices of
+  ``x_block.attn2.qkv`` (as ``attn.to_q`` ... patch ``x_block.attn.qkv``) and ``attn2.to_out.0``
+  patches ``x_block.attn2.proj``, so it is exported like ``attn``.
 * **Metadata.** kohya's ``train_network.py`` writes ``ss_network_module`` (``networks.lora``),
   ``ss_network_dim``, ``ss_network_alpha`` and ``ss_base_model_version`` as strings; the version
   strings are kohya's ``get_model_version_str_for_sd1_sd2`` (``sd_v1``),
@@ -55,9 +57,12 @@ _FLUX_DOUBLE = (
     r"attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(?:_context)?\.linear"
     r"|ff(?:_context)?\.(?:net\.0\.proj|net\.2|linear_in|linear_out)"
 )
+# SD3.5-Medium's second image attention: comfy/utils.py mmdit_to_diffusers maps attn2.to_q/k/v
+# onto slices of x_block.attn2.qkv and (MMDIT_MAP_BLOCK) attn2.to_out.0 onto x_block.attn2.proj,
+# since ComfyUI commit 09fdb2b "Support SD3.5 medium diffusers format weights and loras" (2024-10-30)
 _SD3_BLOCK = (
-    r"attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(?:_context)?\.linear"
-    r"|ff(?:_context)?\.net\.(?:0\.proj|2)"
+    r"attn\.(?:to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|attn2\.(?:to_[qkv]|to_out\.0)"
+    r"|norm1(?:_context)?\.linear|ff(?:_context)?\.net\.(?:0\.proj|2)"
 )
 _EMBEDDERS = r"time_text_embed\.(?:timestep|text|guidance)_embedder\.linear_[12]"
 #: The diffusers module names ComfyUI maps, per backbone (restated from the tables in the doc).
