@@ -96,7 +96,7 @@ def test_a_rollout_scored_above_tau_gets_no_perceptual_gradient(tokenizer_dir) -
     """The gate matters in rollouts: the scored step is one of the last k_late, maybe above tau."""
     from conftest import rollout_terms
 
-    # 4 DDIM steps from 1000: timesteps 751, 501, 251, 1; k_late 2 scores 251 or 1
+    # 4 DDIM steps from 1000 (tiny schedule, steps_offset 0): 750, 500, 250, 0; k_late 2 scores 250 or 0
     module = make_module(
         tokenizer_dir, objective="rollout", rollout_steps=4, k_late=2, tau=100, lora_init=False
     )
@@ -110,7 +110,7 @@ def test_a_rollout_scored_above_tau_gets_no_perceptual_gradient(tokenizer_dir) -
         seen.add(timestep)
         assert moved == (timestep <= 100), timestep
         assert (terms.perc.item() == 0.0) == (timestep > 100)
-    assert seen == {251, 1}  # both cases were exercised
+    assert seen == {250, 0}  # both cases were exercised
 
 
 def test_only_the_perceptual_share_is_decoded(tokenizer_dir) -> None:
@@ -456,18 +456,23 @@ def test_a_stochastic_sampler_draws_each_images_noise_from_its_own_seed(tokenize
     torch.testing.assert_close(alone[0], pair[1], rtol=0, atol=1e-5)  # batching only rounds
 
 
-def test_default_sampler_gets_the_pipelines_fixes_for_old_scheduler_configs(tokenizer_dir) -> None:
-    from diffusers import DDPMScheduler
+def test_default_sampler_follows_the_scheduler_config_it_is_given(tokenizer_dir) -> None:
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     old = DDPMScheduler.from_config({**T.tiny_scheduler().config, "steps_offset": 0})
     old.register_to_config(clip_sample=True)
     module = make_module(tokenizer_dir, noise_scheduler=old)
-    # what StableDiffusionPipeline.__init__ does to such a config
-    assert module.sample_scheduler.config.steps_offset == 1
-    assert module.sample_scheduler.config.clip_sample is False
+    # what the README's recipe makes of the pipeline's scheduler: nothing overridden
+    expected = DDIMScheduler.from_config(old.config)
+    assert module.sample_scheduler.config.steps_offset == 0
+    assert module.sample_scheduler.config.clip_sample is True
+    expected.set_timesteps(4)
+    module.sample_scheduler.set_timesteps(4)
     assert (
-        module.process.noise_scheduler.config.clip_sample is True
-    )  # the training schedule is as given
+        module.sample_scheduler.timesteps.tolist()
+        == expected.timesteps.tolist()
+        == [750, 500, 250, 0]
+    )
 
 
 def _alone(module: ACPOModule, prompt: str, index: int) -> torch.Tensor:

@@ -51,12 +51,14 @@ class VPProcess(DiffusionProcess):
         )
 
     def default_sampler(self) -> SchedulerMixin:
-        """DDIM from the training schedule, with the fixes ``StableDiffusionPipeline`` applies to old
-        scheduler configs (``steps_offset`` 1, no ``clip_sample``), so ``generate`` matches it."""
+        """DDIM from the training scheduler's config, as given: the call diffusers' pipelines are
+        told to make (``DDIMScheduler.from_config(pipe.scheduler.config)``), so ``generate``
+        samples the timesteps that pipeline samples. Nothing is overridden: a real model's config
+        carries its own ``steps_offset`` and ``clip_sample``, and forcing them would move every
+        timestep of a config without them (``steps_offset`` 0: [501, 1] instead of [500, 0])."""
         from diffusers import DDIMScheduler
 
-        config = self.noise_scheduler.config
-        return DDIMScheduler.from_config(config, steps_offset=1, clip_sample=False)
+        return DDIMScheduler.from_config(self.noise_scheduler.config)
 
     def check_sampler(self, scheduler: SchedulerMixin) -> None:
         if is_flow_scheduler(scheduler):
