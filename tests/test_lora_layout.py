@@ -131,7 +131,6 @@ def test_diffusers_pipeline_loads_every_adapted_module(
     )
 
 
-@pytest.mark.slow
 def test_demo_unet_with_demo_targets_loads_in_stable_diffusion_pipeline(
     tokenizer_dir, tmp_path
 ) -> None:
