@@ -42,13 +42,15 @@ def _named(cond: C.Conditioning) -> dict[str, Tensor]:
 
 
 def write_null(writer: LatentCacheWriter, denoiser: Denoiser) -> dict[str, Any]:
-    """Write the empty prompt's conditioning into the cache folder of ``writer``.
+    """Write the empty prompt's conditioning into the cache folder of ``writer``: the
+    denoiser's :meth:`~acpo_lightning.denoisers.Denoiser.empty_prompt_condition`, what the
+    pipeline uses (SDXL with ``force_zeros_for_empty_prompt``: zeros, not the encoded ``""``).
 
     Returns:
         The manifest's ``prompt_embeds`` entry (entries, ``tensor``, ``null_file``, fingerprint).
     """
     with torch.no_grad():
-        null = C.to(denoiser.encode_prompts([""]), "cpu")
+        null = C.to(denoiser.empty_prompt_condition(), "cpu")
     named = _named(null)
     writer.write_file(NULL_FILE, {EMBEDS_PREFIX + name: value for name, value in named.items()})
     return {

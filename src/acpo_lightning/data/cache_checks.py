@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from acpo_lightning.data.latent_cache_format import rerun_hint
 from acpo_lightning.models.fingerprint import fingerprint_differences, vae_fingerprint
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ def check_latent_cache(
 
     Raises:
         ValueError: no VAE, another VAE (the differing values named), a moments shape the
-            model cannot use, or prompt embeddings of other text encoders.
+            model cannot use, no image geometry for SDXL, or prompt embeddings of other text
+            encoders.
     """
     cached = getattr(datamodule, "latent_cache_fingerprint", None)
     if cached is None:
@@ -88,7 +90,29 @@ def check_latent_cache(
             "the cache."
         )
     if denoiser is not None:
+        check_image_geometry(datamodule, denoiser)
         check_prompt_cache(datamodule, denoiser)
+
+
+def check_image_geometry(datamodule: Any, denoiser: Denoiser) -> None:
+    """Refuse a latent cache without per-image sizes and crops for a denoiser that needs them.
+
+    SDXL conditions on each image's original size and crop offset (``time_ids``); a cache written
+    before they were stored would train every image as an uncropped square at the target size.
+
+    Raises:
+        ValueError: ``denoiser.uses_image_geometry`` and the cache's rows carry no geometry.
+    """
+    if not getattr(denoiser, "uses_image_geometry", False):
+        return
+    if getattr(datamodule, "image_geometry", True):
+        return
+    where = f"the latent cache {getattr(datamodule, 'path', '')}".rstrip()
+    raise ValueError(
+        f"{where} holds no per-image original sizes and crop offsets (written by an earlier "
+        f"acpo-lightning), which {type(denoiser).__name__}'s time_ids need. "
+        f"{rerun_hint(getattr(datamodule, 'path', '<cache folder>'))}"
+    )
 
 
 def text_encoders(denoiser: Denoiser) -> dict[str, nn.Module]:

@@ -27,6 +27,9 @@ class Denoiser(ABC):
 
     #: whether the networks take a prompt
     is_conditional: bool
+    #: whether training batches must carry each image's ``original_sizes`` and
+    #: ``crop_top_lefts`` (SDXL's ``time_ids``): a latent cache without them is refused
+    uses_image_geometry: bool = False
     #: the diffusion process the networks were trained with: ``vp`` (SD-1.x and SDXL UNets,
     #: DDPM/DDIM) or ``flow`` (SD3 and FLUX transformers, flow matching)
     process_kind: str = "vp"

@@ -60,6 +60,7 @@ class SDXLDenoiser(Denoiser):
     """
 
     is_conditional = True
+    uses_image_geometry = True
     process_kind = "vp"
     trained_name = "unet"
     network_label = "SDXL UNet"
