@@ -25,7 +25,7 @@ PROMPT_EMBEDS_HELP = (
     "text encoder in data-objective steps (prompt dropout included): their forward pass and "
     "activations are saved each step. The encoders are still loaded and moved with the model: "
     "rollout steps, validation and generation encode their prompts. A cache made with other "
-    "text encoders is refused at fit set-up."
+    "text encoders, tokenizers or prompt lengths is refused at fit set-up."
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,17 @@ class Denoiser(ABC):
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning for ``prompts`` (frozen, no grad)."""
+
+    def prompt_lengths(self) -> dict[str, int]:
+        """The token length each tokenizer pads and truncates prompts to, by attribute name
+        (resolved: a ``None`` setting is the length it stands for); none by default."""
+        return {}
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """What decides :meth:`encode_prompts` and :meth:`empty_prompt_condition` besides the
+        text encoders' weights and the tokenizers: JSON values, held by a prompt cache's
+        fingerprint so that a cache made with other settings is refused."""
+        return {"prompt_lengths": self.prompt_lengths()}
 
     #: the empty prompt's conditioning, encoded once (on the text encoders' device)
     _null: Conditioning | None = None
@@ -218,6 +230,12 @@ class Denoiser(ABC):
 
     def check_cached(self, cached: Conditioning, size: int) -> Conditioning:
         """Cached prompt embeddings, checked against what :meth:`encode_prompts` returns.
+
+        The reference is :meth:`null_condition`. After a prompt cache installed its empty prompt,
+        that is the cache's own, so this check only keeps each batch consistent with it: what
+        ties the cache to this model is the set-up check (``cache_checks.check_prompt_cache``),
+        which compares the text encoders, the tokenizers and :meth:`prompt_settings` (the token
+        lengths) before installing it. Without one, the empty prompt is encoded (once).
 
         Raises:
             ValueError: the cache was written for another text encoder (other names or shapes).

@@ -155,6 +155,12 @@ class FluxDenoiser(Denoiser):
         side = 2 * (self.resolution // (2 * self.vae_scale_factor))
         return int(self.transformer.config.in_channels) // 4, side, side
 
+    def prompt_lengths(self) -> dict[str, int]:
+        return {
+            "tokenizer": int(self.tokenizer.model_max_length),
+            "tokenizer_2": self.max_sequence_length,
+        }
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """T5 states and CLIP's pooled output for ``prompts``, as ``FluxPipeline.encode_prompt``."""

@@ -130,6 +130,12 @@ class SD3Denoiser(Denoiser):
         size = self.sample_size or config.sample_size
         return int(config.in_channels), int(size), int(size)
 
+    def prompt_lengths(self) -> dict[str, int]:
+        """Both CLIP tokenizers at the first one's ``model_max_length`` (as the pipeline), T5's
+        at ``max_sequence_length`` (also the length of the zeros that stand in for it)."""
+        clip = int(self.tokenizer.model_max_length)
+        return {"tokenizer": clip, "tokenizer_2": clip, "tokenizer_3": self.max_sequence_length}
+
     def _clip(self, index: int, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """Penultimate hidden states and projected pooled output of CLIP encoder ``index``."""
         tokenizer = (self.tokenizer, self.tokenizer_2)[index]
