@@ -73,6 +73,11 @@ class Denoiser(ABC):
     def latent_shape(self) -> tuple[int, int, int]:
         """``(channels, height, width)`` of one sample in the network's input space."""
 
+    def latent_side_multiple(self) -> tuple[int, str]:
+        """The latent sides the network takes are multiples of this (1: any size), and why,
+        in words for an error message (transformers that cut latent patches)."""
+        return 1, ""
+
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning for ``prompts`` (frozen, no grad)."""
