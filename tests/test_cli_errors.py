@@ -537,6 +537,7 @@ def _backbone(name: str) -> list[str]:
     return ["--config", str(CONFIGS / base), "--config", str(CONFIGS / tiny)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backbone", "data", "expected"),
     [

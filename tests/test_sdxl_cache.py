@@ -67,7 +67,9 @@ def _step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return terms.loss.detach(), grads
 
 
-@pytest.mark.parametrize("flip", [False, True], ids=["one-view", "random-flip"])
+@pytest.mark.parametrize(
+    "flip", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["one-view", "random-flip"]
+)
 def test_a_cached_sdxl_step_has_the_image_steps_time_ids_loss_and_gradients(
     flip, tokenizer_dir, tmp_path
 ) -> None:
