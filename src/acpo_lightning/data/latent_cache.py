@@ -21,13 +21,16 @@ A cache folder holds::
 With ``--prompt-embeds`` the cache also holds each row's prompt conditioning, as the model's
 denoiser makes it (``Denoiser.encode_prompts``): every shard gains one tensor per conditioning
 entry, ``prompt_embeds.<name>`` [rows, *shape] (``encoder_hidden_states`` for a one-tensor
-conditioning; ``pooled_projections`` ... for a dict), the empty prompt's conditioning is stored
-once in ``null-prompt.safetensors`` (the same names, [1, *shape]), and the manifest gains::
+conditioning; ``pooled_projections`` ... for a dict), the empty prompt's conditioning
+(``Denoiser.empty_prompt_condition``: zeros for SDXL with ``force_zeros_for_empty_prompt``) is
+stored once in ``null-prompt.safetensors`` (the same names, [1, *shape]), and the manifest
+gains::
 
     prompt_embeds              {"entries": [[name, shape, dtype], ...] in the conditioning's
                                order, "tensor": true for a one-tensor conditioning,
                                "null_file": "null-prompt.safetensors", "fingerprint": the text
-                               encoders' (cache_checks.text_encoder_fingerprint)}
+                               encoders', tokenizers' and token lengths'
+                               (cache_checks.text_encoder_fingerprint)}
 
 Every file is written to a temporary name and renamed into place, and the manifest is written
 last, so a run that stopped part-way leaves no manifest and is refused when read.
