@@ -272,3 +272,26 @@ def test_a_cache_made_at_the_resolved_default_length_is_accepted(tokenizer_dir, 
         CachedLatentsDataModule(str(out)), model.vae, model.codec.moments_shape, model.denoiser
     )
     assert model.denoiser.preset_null_condition() is not None
+
+
+def test_a_prompt_cache_of_an_earlier_version_is_refused_with_the_fix(tokenizer_dir, tmp_path):
+    """Its fingerprint lacks the tokenizers and lengths (and an SDXL one may hold the encoded ""
+    as its empty prompt, where the pipeline uses zeros): refused, not trusted (format-bound: the
+    manifest is edited as the earlier writer wrote it)."""
+    import json
+
+    module = make_module(tokenizer_dir)
+    out = tmp_path / "latents"
+    cache_latents(module.vae, image_data(write_images(tmp_path / "images", count=2)), out,
+                  denoiser=module.denoiser)  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("tokenizers", "settings"):
+        del manifest["prompt_embeds"]["fingerprint"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="written by an earlier acpo-lightning") as error:
+        check_latent_cache(
+            CachedLatentsDataModule(str(out)), module.vae, module.codec.moments_shape,
+            module.denoiser,
+        )  # fmt: skip
+    assert "re-run `acpo cache-latents --prompt-embeds`" in str(error.value)
+    assert module.denoiser.preset_null_condition() is None

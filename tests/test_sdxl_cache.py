@@ -52,10 +52,13 @@ def test_a_prompt_cache_keeps_the_sdxl_empty_prompt_zeros(tokenizer_dir, tmp_pat
 # The cached moments are the image path's VAE posterior (the same convolutions on the same
 # pixels, batched alike), equal to float32 rounding: a few ulps. Through the tiny UNet (about ten
 # layers, each of condition number O(1) for these seeded weights) and the VAE decoder of the
-# perceptual term, a few ulps become at most ~1e2 ulps of the loss (1e-5 relative), and the LoRA
-# gradients, one backward pass more, ~1e3 ulps (1e-4 relative); the absolute floors cover entries
-# that sum to about zero. test_latent_cache.py's SD-1.x comparison uses the same bounds.
-LOSS_RTOL, LOSS_ATOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6, 1e-4, 1e-6
+# perceptual term, a few ulps become at most ~1e2 ulps of the loss (1e-5 relative). A LoRA
+# gradient entry is a sum of ~B*h*w = 1e3 products; summed in another order (the two paths need
+# not run the same backward kernels) it moves by up to ~1e3 ulps of the magnitudes summed, which
+# for an entry that cancels is ~1e-4 of the tensor's largest entry, not of its own: the absolute
+# floor is therefore 1e-3 of each tensor's largest gradient. Without the cached geometry the
+# gradients differ by 3.7 times that entry, so the bound still separates by three decades.
+LOSS_RTOL, LOSS_ATOL, GRAD_RTOL, GRAD_FLOOR = 1e-5, 1e-6, 1e-4, 1e-3
 
 
 def _step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,7 +100,8 @@ def test_a_cached_sdxl_step_has_the_image_steps_time_ids_loss_and_gradients(
         assert grads.keys() == cached_grads.keys() and grads
         for name, grad in grads.items():
             assert grad.abs().sum() > 0, name
-            torch.testing.assert_close(cached_grads[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+            floor = GRAD_FLOOR * float(grad.abs().max())
+            torch.testing.assert_close(cached_grads[name], grad, rtol=GRAD_RTOL, atol=floor)
     expected = {(32, 41, 0, 4, 32, 32)} | ({(32, 41, 0, 5, 32, 32)} if flip else set())
     assert seen == expected
 
