@@ -528,3 +528,53 @@ def test_a_run_that_only_sees_nan_stops_with_one_line(
     assert exit_info.value.code == 1
     message = one_error(capsys.readouterr().err)
     assert "2 consecutive steps had a non-finite" in message and "Resume from the last" in message
+
+
+# ------------------------------------------------------------------ image sizes the model cannot take
+def _backbone(name: str) -> list[str]:
+    base = {"flux": "flux.yaml", "sd3": "sd35.yaml", "sd": "acpo.yaml"}[name]
+    tiny = {"flux": "tiny_flux.yaml", "sd3": "tiny_sd3.yaml", "sd": "tiny.yaml"}[name]
+    return ["--config", str(CONFIGS / base), "--config", str(CONFIGS / tiny)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "data", "expected"),
+    [
+        ("flux", ["--data.init_args.image_size", "15"],
+         ["training images are 15x15 px", "FLUX packs 2x2 latent patches",
+          "multiple of 2 latents x the VAE's scale factor 1 = 2 px", "data.init_args.image_size 14 or 16"]),
+        ("sd3", ["--data.init_args.image_size", "15"],
+         ["training images are 15x15 px", "2x2 latent patches", "multiple of 2 latents x the VAE's scale factor 1 = 2 px",
+          "data.init_args.image_size 14 or 16"]),
+        ("sd", ["--data.init_args.image_size", "8"],
+         ["perceptual_crop size=16 is larger than the training images (8x8 px",
+          "data.init_args.image_size", "perceptual_crop: 8", "perceptual_crop: null"]),
+        ("sd", ["--data", "acpo_lightning.data.PromptImageDataModule",
+                "--data.init_args.source", "imagefolder", "--data.init_args.resolution", "8"],
+         ["perceptual_crop size=16 is larger than the training images (8x8 px",
+          "data.init_args.resolution"]),
+    ],
+    ids=["flux-odd-side", "sd3-odd-latents", "crop-over-shapes", "crop-over-imagefolder"],
+)  # fmt: skip
+def test_a_training_image_size_the_model_cannot_take_is_one_line_at_setup(
+    backbone: str,
+    data: list[str],
+    expected: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Before: a RuntimeError from a view, a loss on 14x14 against 15x15 latents, or
+    ``random_`` at the first scored step; now ``acpo: error:`` before the first step."""
+    monkeypatch.chdir(tmp_path)
+    if "imagefolder" in data:
+        from test_latent_cache import write_images
+
+        data = [*data, "--data.init_args.path", str(write_images(tmp_path / "images"))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_backbone(backbone), *data, "--trainer.logger", "false"])
+    assert exit_info.value.code == 2
+    message = one_error(capsys.readouterr().err)
+    assert all(part in message for part in expected), message
+    assert not list(tmp_path.glob("outputs/*/checkpoints/*.ckpt"))

@@ -232,3 +232,66 @@ def cached_vae(repo: Path) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(repo / "vae", torch_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("change", ["prompt length", "tokenizer"])
+def test_a_cache_of_another_prompt_length_or_tokenizer_is_refused_at_fit_setup(
+    change, tokenizer_dir, tmp_path
+):
+    """A cache made at max_prompt_length 8 would train on [B, 8, D] states while generate(),
+    rollouts and validation encode [B, 16, D]; a tokenizer that pads with "!" (as SD 2's does,
+    where SD 1's pads with its end token) gives other states from the same encoder."""
+    from transformers import CLIPTokenizer
+
+    images = image_data(write_images(tmp_path / "images", count=2))
+    out = tmp_path / "latents"
+    maker = make_module(tokenizer_dir, max_prompt_length=8 if change == "prompt length" else None)
+    cache_latents(maker.vae, images, out, denoiser=maker.denoiser)
+    model = make_module(tokenizer_dir)  # 16 tokens: the tiny encoder's positions
+    if change == "tokenizer":
+        model.denoiser.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token="!")
+    run = trainer(tmp_path)
+    with pytest.raises(ValueError, match="re-run `acpo cache-latents --prompt-embeds`") as error:
+        run.fit(model, CachedLatentsDataModule(str(out), batch_size=2))
+    message = str(error.value)
+    assert str(out) in message and run.global_step == 0 and "\n" not in message
+    if change == "prompt length":
+        assert "prompt lengths {'tokenizer': 8} (cache) vs {'tokenizer': 16} (model)" in message
+    else:
+        assert "tokenizer digest" in message
+
+
+def test_a_cache_made_at_the_resolved_default_length_is_accepted(tokenizer_dir, tmp_path):
+    """max_prompt_length: null resolves to the tokenizer's 16 tokens: the same embeddings as 16."""
+    images = image_data(write_images(tmp_path / "images", count=2))
+    out = tmp_path / "latents"
+    maker = make_module(tokenizer_dir)
+    cache_latents(maker.vae, images, out, denoiser=maker.denoiser)
+    model = make_module(tokenizer_dir, max_prompt_length=16)
+    check_latent_cache(
+        CachedLatentsDataModule(str(out)), model.vae, model.codec.moments_shape, model.denoiser
+    )
+    assert model.denoiser.preset_null_condition() is not None
+
+
+def test_a_prompt_cache_of_an_earlier_version_is_refused_with_the_fix(tokenizer_dir, tmp_path):
+    """Its fingerprint lacks the tokenizers and lengths (and an SDXL one may hold the encoded ""
+    as its empty prompt, where the pipeline uses zeros): refused, not trusted (format-bound: the
+    manifest is edited as the earlier writer wrote it)."""
+    import json
+
+    module = make_module(tokenizer_dir)
+    out = tmp_path / "latents"
+    cache_latents(module.vae, image_data(write_images(tmp_path / "images", count=2)), out,
+                  denoiser=module.denoiser)  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("tokenizers", "settings"):
+        del manifest["prompt_embeds"]["fingerprint"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="written by an earlier acpo-lightning") as error:
+        check_latent_cache(
+            CachedLatentsDataModule(str(out)), module.vae, module.codec.moments_shape,
+            module.denoiser,
+        )  # fmt: skip
+    assert "re-run `acpo cache-latents --prompt-embeds`" in str(error.value)
+    assert module.denoiser.preset_null_condition() is None

@@ -12,8 +12,10 @@ are reported or skipped as in training, then every training row is encoded, batc
 
 Transforms: the cache holds the deterministic image (resize, centre crop, normalize); with
 ``random_flip: true`` it also holds the flipped image, and the cached dataset picks one of the two
-at random per item. A random crop cannot be cached: ``center_crop: false`` is refused as soon as
-an image is not exactly the crop (a square image with ``resize``), naming the row and the fix.
+at random per item, with the original size and crop offset of that view (SDXL's ``time_ids``, as
+the image path gives them). A random crop cannot be cached: ``center_crop: false`` is refused as
+soon as an image is not exactly the crop (a square image with ``resize``), naming the row and the
+fix.
 
 ``--prompt-embeds`` also caches every row's prompt conditioning, made by the run's denoiser
 (``Denoiser.encode_prompts``: model.denoiser, or the flat unet/text_encoder/tokenizer), and the
@@ -30,7 +32,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +40,14 @@ from torch import Tensor, nn
 from acpo_lightning.data.cache_checks import text_encoders
 from acpo_lightning.data.datamodule import PromptImageDataModule
 from acpo_lightning.data.images import describe_ref, load_image
-from acpo_lightning.data.latent_cache import MANIFEST_NAME, NULL_FILE, LatentCacheWriter
+from acpo_lightning.data.latent_cache import (
+    CROP_TOP_LEFTS,
+    MANIFEST_NAME,
+    NULL_FILE,
+    ORIGINAL_SIZES,
+    LatentCacheWriter,
+)
+from acpo_lightning.data.transforms import TransformedImage
 from acpo_lightning.models.fingerprint import vae_fingerprint
 from acpo_lightning.prompt_cache import (
     PROMPT_EMBEDS_HELP,
@@ -132,12 +141,13 @@ def cache_latents(
         with ThreadPoolExecutor(max_workers=max(1, datamodule.num_workers)) as pool:
             for start in range(0, len(rows), batch_size):
                 batch = list(pool.map(load, rows[start : start + batch_size]))
-                prompts += [prompt for prompt, _ in batch]
-                moments = encode_moments(vae, torch.stack([pixels for _, pixels in batch]), flip)
+                prompts += [row.prompt for row in batch]
+                pixels = torch.stack([row.image.pixel_values for row in batch])
+                moments = encode_moments(vae, pixels, flip)
                 latent_shape, shards = list(moments.shape[2:]), len(writer.shards)
                 if denoiser is not None:
-                    embeds = encode_embeds(denoiser, [prompt for prompt, _ in batch])
-                writer.add(moments, embeds)
+                    embeds = encode_embeds(denoiser, [row.prompt for row in batch])
+                writer.add(moments, embeds, row_geometry(batch, flip))
                 _progress(writer, len(rows), shards)
         extra = {} if denoiser is None else {"prompt_embeds": write_null(writer, denoiser)}
     except BaseException:
@@ -150,6 +160,7 @@ def cache_latents(
             "resolution": datamodule.train_transform.resolution,
             "latent_shape": latent_shape,
             "views": 2 if flip else 1,
+            "image_geometry": True,
             "dtype": str(vae.dtype).removeprefix("torch."),
             "prompts": prompts,
             "source_rows": rows,
@@ -191,7 +202,29 @@ def encode_moments(vae: nn.Module, pixels: Tensor, flip: bool) -> Tensor:
     return moments.view(views, -1, *moments.shape[1:]).transpose(0, 1).contiguous()
 
 
-def _load_row(datamodule: PromptImageDataModule, row: int) -> tuple[str, Tensor]:
+class CachedRow(NamedTuple):
+    """A row as the cache stores it: its prompt, its deterministic image (with its original size
+    and crop offset) and how far the crop can move horizontally (which places the flipped crop)."""
+
+    prompt: str
+    image: TransformedImage
+    free_width: int
+
+
+def row_geometry(rows: list[CachedRow], flip: bool) -> dict[str, Tensor]:
+    """``original_sizes`` ``[n, 2]`` and ``crop_top_lefts`` ``[n, views, 2]`` of ``rows``: view 1's
+    left is counted in the flipped image, as ``ImageTransform.apply`` counts it when it flips."""
+    crops = []
+    for row in rows:
+        top, left = row.image.crop_top_left
+        crops.append([(top, left), (top, row.free_width - left)][: 2 if flip else 1])
+    return {
+        ORIGINAL_SIZES: torch.tensor([row.image.original_size for row in rows], dtype=torch.long),
+        CROP_TOP_LEFTS: torch.tensor(crops, dtype=torch.long),
+    }
+
+
+def _load_row(datamodule: PromptImageDataModule, row: int) -> CachedRow:
     """A row's prompt and its deterministic image; refuse a random crop that would matter."""
     table, transform = datamodule.table, datamodule.eval_transform
     ref = table.images[row]
@@ -206,7 +239,7 @@ def _load_row(datamodule: PromptImageDataModule, row: int) -> tuple[str, Tensor]
             "latent cache cannot hold. Fix: set --data.init_args.center_crop true (the cache "
             "then holds the centre crop), or crop the images to squares first."
         )
-    return table.prompt(row), transform(image)
+    return CachedRow(table.prompt(row), transform.apply(image), slack[0])
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

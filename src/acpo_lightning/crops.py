@@ -73,9 +73,20 @@ class PerceptualCrop:
 
         Positions are uniform on the latent grid, drawn from ``generator`` on its device (no
         host sync).
+
+        Raises:
+            ValueError: the crop is larger than the images (a DataModule the set-up check cannot
+                read, ``data.size_checks``, gave smaller ones).
         """
         batch, _, height, width = latents.shape
         side = self.size // scale_factor
+        if side > min(height, width):
+            raise ValueError(
+                f"perceptual_crop size={self.size} is larger than the training images "
+                f"({height * scale_factor}x{width * scale_factor} px); train on larger images, "
+                f"use perceptual_crop <= {min(height, width) * scale_factor}, or perceptual_crop: "
+                "null (score whole images)."
+            )
         n = batch * self.count
         image = torch.arange(batch, device=latents.device).repeat_interleave(self.count)
         draws = [

@@ -22,6 +22,7 @@ from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.crops import PerceptualCrop, as_crop
 from acpo_lightning.data.cache_checks import check_latent_cache
+from acpo_lightning.data.size_checks import check_training_images
 from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
 from acpo_lightning.models.lora import load_lora, save_lora
@@ -201,6 +202,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             use_safe_checkpoint_io(self.trainer)
             datamodule = getattr(self.trainer, "datamodule", None)
             check_latent_cache(datamodule, self.vae, self.codec.moments_shape, self.denoiser)
+            check_training_images(
+                datamodule, self.denoiser, self.codec.scale_factor, self.perceptual_crop
+            )
         crop = self.perceptual_crop
         check_quality_head(self.quality_head, crop.shape if crop else self.image_size, self.device)
         if self.gradient_checkpointing:

@@ -25,7 +25,7 @@ PROMPT_EMBEDS_HELP = (
     "text encoder in data-objective steps (prompt dropout included): their forward pass and "
     "activations are saved each step. The encoders are still loaded and moved with the model: "
     "rollout steps, validation and generation encode their prompts. A cache made with other "
-    "text encoders is refused at fit set-up."
+    "text encoders, tokenizers or prompt lengths is refused at fit set-up."
 )
 
 
@@ -42,13 +42,15 @@ def _named(cond: C.Conditioning) -> dict[str, Tensor]:
 
 
 def write_null(writer: LatentCacheWriter, denoiser: Denoiser) -> dict[str, Any]:
-    """Write the empty prompt's conditioning into the cache folder of ``writer``.
+    """Write the empty prompt's conditioning into the cache folder of ``writer``: the
+    denoiser's :meth:`~acpo_lightning.denoisers.Denoiser.empty_prompt_condition`, what the
+    pipeline uses (SDXL with ``force_zeros_for_empty_prompt``: zeros, not the encoded ``""``).
 
     Returns:
         The manifest's ``prompt_embeds`` entry (entries, ``tensor``, ``null_file``, fingerprint).
     """
     with torch.no_grad():
-        null = C.to(denoiser.encode_prompts([""]), "cpu")
+        null = C.to(denoiser.empty_prompt_condition(), "cpu")
     named = _named(null)
     writer.write_file(NULL_FILE, {EMBEDS_PREFIX + name: value for name, value in named.items()})
     return {

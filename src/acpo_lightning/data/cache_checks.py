@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from acpo_lightning.data.latent_cache_format import rerun_hint
 from acpo_lightning.models.fingerprint import fingerprint_differences, vae_fingerprint
 
 if TYPE_CHECKING:
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
 
 #: Values per weight tensor that enter a text encoder's digest (see :func:`text_encoder_fingerprint`).
 DIGEST_VALUES = 4096
+#: Texts a tokenizer's digest tokenizes: case, punctuation, digits, accents, other scripts, runs
+#: of spaces and an empty prompt, padded (the pad token and side) to :data:`PROBE_LENGTH`.
+PROBE_TEXTS = (
+    "a photo of a cat",
+    "A Photo, OF: a CAT!! (4k) [best] {quality}",
+    "café naïve façade 東京 ☃ 1024x768 3.5",
+    "  two  spaces\tand\na newline ",
+    "",
+)
+PROBE_LENGTH = 48
 #: Config entries that say where or how an encoder was loaded, not what it computes.
 _VOLATILE_CONFIG = ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path")
 
@@ -71,7 +82,8 @@ def check_latent_cache(
 
     Raises:
         ValueError: no VAE, another VAE (the differing values named), a moments shape the
-            model cannot use, or prompt embeddings of other text encoders.
+            model cannot use, no image geometry for SDXL, or prompt embeddings of other text
+            encoders.
     """
     cached = getattr(datamodule, "latent_cache_fingerprint", None)
     if cached is None:
@@ -88,13 +100,59 @@ def check_latent_cache(
             "the cache."
         )
     if denoiser is not None:
+        check_image_geometry(datamodule, denoiser)
         check_prompt_cache(datamodule, denoiser)
+
+
+def check_image_geometry(datamodule: Any, denoiser: Denoiser) -> None:
+    """Refuse a latent cache without per-image sizes and crops for a denoiser that needs them.
+
+    SDXL conditions on each image's original size and crop offset (``time_ids``); a cache written
+    before they were stored would train every image as an uncropped square at the target size.
+
+    Raises:
+        ValueError: ``denoiser.uses_image_geometry`` and the cache's rows carry no geometry.
+    """
+    if not getattr(denoiser, "uses_image_geometry", False):
+        return
+    if getattr(datamodule, "image_geometry", True):
+        return
+    where = f"the latent cache {getattr(datamodule, 'path', '')}".rstrip()
+    raise ValueError(
+        f"{where} holds no per-image original sizes and crop offsets (written by an earlier "
+        f"acpo-lightning), which {type(denoiser).__name__}'s time_ids need. "
+        f"{rerun_hint(getattr(datamodule, 'path', '<cache folder>'))}"
+    )
 
 
 def text_encoders(denoiser: Denoiser) -> dict[str, nn.Module]:
     """The denoiser's text encoders: its networks named ``text_encoder``, ``text_encoder_2``, ..."""
     networks = denoiser.networks().items()
     return {name: net for name, net in networks if name.startswith("text_encoder") and net}
+
+
+def tokenizers(denoiser: Denoiser) -> dict[str, Any]:
+    """The tokenizers of the denoiser's text encoders (``tokenizer`` of ``text_encoder``,
+    ``tokenizer_2`` of ``text_encoder_2``, ...); one whose encoder is absent is not used."""
+    encoders = text_encoders(denoiser)
+    found = {}
+    for name, value in vars(denoiser).items():
+        encoder = "text_encoder" + name.removeprefix("tokenizer")
+        if name.startswith("tokenizer") and value is not None and encoder in encoders:
+            found[name] = value
+    return found
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """A SHA-256 of what a tokenizer makes of text: its vocabulary and the ids it gives
+    :data:`PROBE_TEXTS` padded to :data:`PROBE_LENGTH` (merges, normalization, special tokens,
+    the pad token and side), so a slow and a fast tokenizer of the same files agree."""
+    ids = tokenizer(
+        list(PROBE_TEXTS), padding="max_length", max_length=PROBE_LENGTH, truncation=True
+    )["input_ids"]
+    vocab = sorted(tokenizer.get_vocab().items())
+    text = json.dumps({"vocab": vocab, "probe": [list(map(int, row)) for row in ids]})
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def text_encoder_fingerprint(denoiser: Denoiser) -> dict[str, Any]:
@@ -104,14 +162,17 @@ def text_encoder_fingerprint(denoiser: Denoiser) -> dict[str, Any]:
     it was loaded) and a digest of its weights: every tensor's name and shape and its first
     :data:`DIGEST_VALUES` values rounded to bfloat16, so the same weights in float32 or bfloat16
     agree, a fine-tuned encoder (whose every matrix moves) differs, and the cost does not grow
-    with the encoder (T5-XXL included). ``dtype`` is reported, not compared.
+    with the encoder (T5-XXL included). ``dtype`` is reported, not compared. Per tokenizer:
+    :func:`tokenizer_digest`. And the denoiser's ``prompt_settings()``: the token length of each
+    tokenizer and the form of the empty prompt (SDXL's ``force_zeros_for_empty_prompt``).
 
     Args:
         denoiser: a text-conditional denoiser.
 
     Returns:
-        A JSON-serializable dict: ``denoiser`` (the class name) and ``text_encoders``
-        (``{name: {class, config_digest, weights_digest, dtype}}``).
+        A JSON-serializable dict: ``denoiser`` (the class name), ``text_encoders``
+        (``{name: {class, config_digest, weights_digest, dtype}}``), ``tokenizers``
+        (``{name: digest}``) and ``settings``.
 
     Example:
         >>> from acpo_lightning import testing as T
@@ -128,7 +189,12 @@ def text_encoder_fingerprint(denoiser: Denoiser) -> dict[str, Any]:
             "weights_digest": _weights_digest(encoder),
             "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
         }
-    return {"denoiser": type(denoiser).__name__, "text_encoders": encoders}
+    return {
+        "denoiser": type(denoiser).__name__,
+        "text_encoders": encoders,
+        "tokenizers": {name: tokenizer_digest(t) for name, t in tokenizers(denoiser).items()},
+        "settings": denoiser.prompt_settings(),
+    }
 
 
 def _config_digest(encoder: nn.Module) -> str:
@@ -156,6 +222,11 @@ def _weights_digest(encoder: nn.Module) -> str:
 
 def prompt_fingerprint_differences(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Where two :func:`text_encoder_fingerprint` results differ, in words (empty: they agree)."""
+    if "settings" not in cached or "tokenizers" not in cached:
+        return [
+            "the cache records neither its tokenizers nor its prompt lengths (written by an "
+            "earlier acpo-lightning), so they cannot be checked"
+        ]
     differences = []
     if cached.get("denoiser") != current.get("denoiser"):
         differences.append(
@@ -172,11 +243,23 @@ def prompt_fingerprint_differences(cached: dict[str, Any], current: dict[str, An
             if left.get(key) != right.get(key):
                 a, b = (str(v)[:12] for v in (left.get(key), right.get(key)))
                 differences.append(f"{name} {key} {a} (cache) vs {b} (model)")
+    cached_tokenizers, tokenizers_ = cached["tokenizers"], current.get("tokenizers", {})
+    for name in sorted(set(cached_tokenizers) | set(tokenizers_)):
+        left, right = cached_tokenizers.get(name), tokenizers_.get(name)
+        if left != right:
+            a, b = (str(v)[:12] if v else "none" for v in (left, right))
+            differences.append(f"{name} digest {a} (cache) vs {b} (model)")
+    settings = current.get("settings", {})
+    for key in sorted(set(cached["settings"]) | set(settings)):
+        left, right = cached["settings"].get(key), settings.get(key)
+        if left != right:
+            differences.append(f"{key.replace('_', ' ')} {left} (cache) vs {right} (model)")
     return differences
 
 
 def check_prompt_cache(datamodule: Any, denoiser: Denoiser) -> None:
-    """Refuse prompt embeddings made by other text encoders; else install the cached empty prompt.
+    """Refuse prompt embeddings made by other text encoders, tokenizers or settings; else
+    install the cached empty prompt.
 
     A DataModule without ``prompt_cache_fingerprint`` (or with ``None``: a cache without prompt
     embeddings) passes untouched. Otherwise the cache's fingerprint must equal
@@ -200,9 +283,10 @@ def check_prompt_cache(datamodule: Any, denoiser: Denoiser) -> None:
     differences = prompt_fingerprint_differences(cached, text_encoder_fingerprint(denoiser))
     if differences:
         raise ValueError(
-            f"{where} holds prompt embeddings made by other text encoders than this model's: "
-            f"{'; '.join(differences)}. Fix: re-run `acpo cache-latents --prompt-embeds` with "
-            "the config(s) you train with (the same text encoders), or use a cache made "
-            "without --prompt-embeds (the text encoders then run each step)."
+            f"{where} holds prompt embeddings made by other text encoders, tokenizers or prompt "
+            f"settings than this model's: {'; '.join(differences)}. Fix: re-run `acpo "
+            "cache-latents --prompt-embeds` with the config(s) you train with (the same text "
+            "encoders, tokenizers and max_prompt_length / max_sequence_length), or use a cache "
+            "made without --prompt-embeds (the text encoders then run each step)."
         )
     denoiser.set_null_condition(datamodule.null_condition())

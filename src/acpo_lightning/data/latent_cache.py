@@ -11,19 +11,26 @@ A cache folder holds::
     manifest.json              format, version, count, resolution, latent_shape ([2C, h, w]),
                                views (1, or 2 with random_flip), dtype, prompts, shards, the VAE's
                                fingerprint (models.vae_fingerprint) and the data settings used
-    shard-00000.safetensors    one tensor ``moments`` [rows, views, 2C, h, w]; view 1 is the
-    shard-00001.safetensors    horizontally flipped image
+    shard-00000.safetensors    ``moments`` [rows, views, 2C, h, w]; view 1 is the horizontally
+    shard-00001.safetensors    flipped image. ``original_sizes`` [rows, 2] (``(h, w)`` before
+                               resizing) and ``crop_top_lefts`` [rows, views, 2] (the crop's
+                               ``(top, left)``, in the flipped image for view 1): SDXL's
+                               micro-conditioning, as the image path computes it; the manifest
+                               says ``"image_geometry": true`` (a cache written before has none)
 
 With ``--prompt-embeds`` the cache also holds each row's prompt conditioning, as the model's
 denoiser makes it (``Denoiser.encode_prompts``): every shard gains one tensor per conditioning
 entry, ``prompt_embeds.<name>`` [rows, *shape] (``encoder_hidden_states`` for a one-tensor
-conditioning; ``pooled_projections`` ... for a dict), the empty prompt's conditioning is stored
-once in ``null-prompt.safetensors`` (the same names, [1, *shape]), and the manifest gains::
+conditioning; ``pooled_projections`` ... for a dict), the empty prompt's conditioning
+(``Denoiser.empty_prompt_condition``: zeros for SDXL with ``force_zeros_for_empty_prompt``) is
+stored once in ``null-prompt.safetensors`` (the same names, [1, *shape]), and the manifest
+gains::
 
     prompt_embeds              {"entries": [[name, shape, dtype], ...] in the conditioning's
                                order, "tensor": true for a one-tensor conditioning,
                                "null_file": "null-prompt.safetensors", "fingerprint": the text
-                               encoders' (cache_checks.text_encoder_fingerprint)}
+                               encoders', tokenizers' and token lengths'
+                               (cache_checks.text_encoder_fingerprint)}
 
 Every file is written to a temporary name and renamed into place, and the manifest is written
 last, so a run that stopped part-way leaves no manifest and is refused when read.
@@ -49,12 +56,14 @@ from acpo_lightning.data.collate import PromptDataLoaders
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
 from acpo_lightning.data.images import BadSampleError
 from acpo_lightning.data.latent_cache_format import (  # noqa: F401  (re-exported names)
+    CROP_TOP_LEFTS,
     DTYPES,
     EMBEDS_PREFIX,
     ENTRY_DTYPES,
     FORMAT,
     MANIFEST_NAME,
     NULL_FILE,
+    ORIGINAL_SIZES,
     SHARD_KEY,
     VERSION,
     LatentCacheError,
@@ -88,10 +97,16 @@ class LatentCacheWriter:
         self._pending: list[Tensor] = []
         self._pending_rows = 0
 
-    def add(self, moments: Tensor, embeds: dict[str, Tensor] | None = None) -> None:
-        """Queue ``moments`` (``[n, views, 2C, h, w]``) and the rows' prompt conditioning
-        ``embeds`` (``{name: [n, ...]}``), if any; full shards are written at once."""
-        rows = {SHARD_KEY: moments}
+    def add(
+        self,
+        moments: Tensor,
+        embeds: dict[str, Tensor] | None = None,
+        geometry: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Queue ``moments`` (``[n, views, 2C, h, w]``), the rows' prompt conditioning
+        ``embeds`` (``{name: [n, ...]}``) and their image ``geometry`` (``original_sizes``
+        ``[n, 2]``, ``crop_top_lefts`` ``[n, views, 2]``), if any; full shards are written at once."""
+        rows = {SHARD_KEY: moments, **(geometry or {})}
         rows.update({EMBEDS_PREFIX + name: value for name, value in (embeds or {}).items()})
         self._pending.append({k: v.detach().to("cpu").contiguous() for k, v in rows.items()})
         self._pending_rows += len(moments)
@@ -132,8 +147,10 @@ class LatentCacheWriter:
 
 class CachedLatentsDataset(Dataset):
     """The rows of a latent cache as items ``{"prompt", "latent_moments"}`` (``[2C, h, w]``),
-    plus ``prompt_embeds`` (the row's conditioning without the batch axis: a tensor, or a dict of
-    tensors in the order the denoiser made them) when the cache holds prompt embeddings.
+    plus ``original_size`` and ``crop_top_left`` (long ``[2]``, of the view read, as
+    ``PromptImageDataset`` gives them) when the cache holds the image geometry, and
+    ``prompt_embeds`` (the row's conditioning without the batch axis: a tensor, or a dict of
+    tensors in the order the denoiser made them) when it holds prompt embeddings.
 
     With two views (a cache made with ``random_flip``), each read picks the flipped one with
     probability 1/2, from ``torch``'s global generator, as ``ImageTransform`` does for images.
@@ -156,6 +173,7 @@ class CachedLatentsDataset(Dataset):
         for shard in manifest["shards"]:
             self.starts.append(self.starts[-1] + int(shard["rows"]))
         self.views = int(manifest["views"])
+        self.geometry = bool(manifest.get("image_geometry"))
         self.embed_names = [name for name, _, _ in embed_entries(manifest)]
         self.embeds_are_tensor = bool((manifest.get("prompt_embeds") or {}).get("tensor"))
         self._handles: dict[int, Any] = {}
@@ -175,6 +193,10 @@ class CachedLatentsDataset(Dataset):
         handle = self._handle(shard)
         moments = handle.get_slice(SHARD_KEY)[local : local + 1, view : view + 1]
         item = {"prompt": self.prompts[index], "latent_moments": moments[0, 0]}
+        if self.geometry:
+            item["original_size"] = handle.get_slice(ORIGINAL_SIZES)[local : local + 1][0]
+            crops = handle.get_slice(CROP_TOP_LEFTS)[local : local + 1, view : view + 1]
+            item["crop_top_left"] = crops[0, 0]
         if self.embed_names:
             embeds = {
                 name: handle.get_slice(EMBEDS_PREFIX + name)[local : local + 1][0]
@@ -196,8 +218,10 @@ class CachedLatentsDataset(Dataset):
 class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
     """Train on a latent cache written by ``acpo cache-latents`` instead of encoding images.
 
-    Training batches are ``{"prompts": [...], "latent_moments": [B, 2C, h, w]}``; ``ACPOModule``
-    samples a latent from each posterior exactly as it does for ``pixel_values``. A cache made
+    Training batches are ``{"prompts": [...], "latent_moments": [B, 2C, h, w]}``, with
+    ``original_sizes`` and ``crop_top_lefts`` (``[B, 2]``) as ``PromptImageDataModule`` gives
+    them; ``ACPOModule`` samples a latent from each posterior exactly as it does for
+    ``pixel_values``. A cache made
     with ``--prompt-embeds`` adds ``prompt_embeds`` (the denoiser's conditioning, batch first),
     which the denoiser uses instead of running its text encoders; ``ACPOModule.setup`` checks
     :attr:`prompt_cache_fingerprint` against its text encoders and installs
@@ -269,6 +293,12 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
     def latent_cache_fingerprint(self) -> dict[str, Any]:
         """The fingerprint of the VAE that encoded the cache (see ``models.vae_fingerprint``)."""
         return dict(self.manifest["vae"])
+
+    @property
+    def image_geometry(self) -> bool:
+        """Whether the rows carry each image's original size and crop offset (SDXL's
+        ``time_ids``); a cache written before they were stored has none."""
+        return bool(self.manifest.get("image_geometry"))
 
     @property
     def prompt_cache_fingerprint(self) -> dict[str, Any] | None:

@@ -19,6 +19,10 @@ _REQUIRED = ("count", "resolution", "latent_shape", "views", "dtype", "prompts",
 #: Shard-tensor name prefix of the cached prompt conditioning entries.
 EMBEDS_PREFIX = "prompt_embeds."
 NULL_FILE = "null-prompt.safetensors"
+#: Per-row image geometry (SDXL's micro-conditioning) in the shards of a manifest with
+#: ``"image_geometry": true``: ``(height, width)`` before resizing, ``[rows, 2]``, and the crop's
+#: ``(top, left)`` per view (counted in the flipped image for view 1), ``[rows, views, 2]``.
+ORIGINAL_SIZES, CROP_TOP_LEFTS = "original_sizes", "crop_top_lefts"
 #: Dtypes a conditioning entry may have (ids and flags besides the floating text states).
 ENTRY_DTYPES = {**DTYPES, "int64": "I64", "int32": "I32", "bool": "BOOL"}
 
@@ -126,6 +130,10 @@ def _check_shard(folder: Path, shard: dict[str, Any], manifest: dict[str, Any]) 
         SHARD_KEY: ([rows, int(manifest["views"]), *map(int, manifest["latent_shape"])],
                     DTYPES[manifest["dtype"]], "moments", " [rows, views, 2C, h, w]"),
     }  # fmt: skip
+    if manifest.get("image_geometry"):
+        views = int(manifest["views"])
+        expected[ORIGINAL_SIZES] = ([rows, 2], "I64", "original sizes", " [rows, 2]")
+        expected[CROP_TOP_LEFTS] = ([rows, views, 2], "I64", "crop offsets", " [rows, views, 2]")
     for name, shape, dtype in embed_entries(manifest):
         what = f"prompt embeddings {name!r}"
         expected[EMBEDS_PREFIX + name] = ([rows, *shape], ENTRY_DTYPES[dtype], what, "")
@@ -154,9 +162,7 @@ def _check_tensors(path: Path, expected: dict[str, tuple[list[int], str, str, st
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
-            for key in expected:
-                if key not in keys:
-                    raise LatentCacheError(f"{path} holds no {key!r} tensor. {rerun_hint(folder)}")
+            for key in expected.keys() & keys:
                 tensor = handle.get_slice(key)
                 found[key] = (list(tensor.get_shape()), tensor.get_dtype())
     except (SafetensorError, OSError) as error:
@@ -164,7 +170,9 @@ def _check_tensors(path: Path, expected: dict[str, tuple[list[int], str, str, st
             f"cannot read {path} ({error}): the file is truncated or not a safetensors file. "
             f"{rerun_hint(folder)}"
         ) from None
-    for key, (shape, dtype, what, axes) in expected.items():
+    for key, (shape, dtype, what, axes) in expected.items():  # in order: the moments first
+        if key not in found:
+            raise LatentCacheError(f"{path} holds no {key!r} tensor. {rerun_hint(folder)}")
         if found[key] != (shape, dtype):
             raise LatentCacheError(
                 f"{path} holds {what} of shape {found[key][0]} ({found[key][1]}), but "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,9 @@ class Denoiser(ABC):
 
     #: whether the networks take a prompt
     is_conditional: bool
+    #: whether training batches must carry each image's ``original_sizes`` and
+    #: ``crop_top_lefts`` (SDXL's ``time_ids``): a latent cache without them is refused
+    uses_image_geometry: bool = False
     #: the diffusion process the networks were trained with: ``vp`` (SD-1.x and SDXL UNets,
     #: DDPM/DDIM) or ``flow`` (SD3 and FLUX transformers, flow matching)
     process_kind: str = "vp"
@@ -69,9 +73,25 @@ class Denoiser(ABC):
     def latent_shape(self) -> tuple[int, int, int]:
         """``(channels, height, width)`` of one sample in the network's input space."""
 
+    def latent_side_multiple(self) -> tuple[int, str]:
+        """The latent sides the network takes are multiples of this (1: any size), and why,
+        in words for an error message (transformers that cut latent patches)."""
+        return 1, ""
+
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditioning for ``prompts`` (frozen, no grad)."""
+
+    def prompt_lengths(self) -> dict[str, int]:
+        """The token length each tokenizer pads and truncates prompts to, by attribute name
+        (resolved: a ``None`` setting is the length it stands for); none by default."""
+        return {}
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """What decides :meth:`encode_prompts` and :meth:`empty_prompt_condition` besides the
+        text encoders' weights and the tokenizers: JSON values, held by a prompt cache's
+        fingerprint so that a cache made with other settings is refused."""
+        return {"prompt_lengths": self.prompt_lengths()}
 
     #: the empty prompt's conditioning, encoded once (on the text encoders' device)
     _null: Conditioning | None = None
@@ -215,6 +235,12 @@ class Denoiser(ABC):
 
     def check_cached(self, cached: Conditioning, size: int) -> Conditioning:
         """Cached prompt embeddings, checked against what :meth:`encode_prompts` returns.
+
+        The reference is :meth:`null_condition`. After a prompt cache installed its empty prompt,
+        that is the cache's own, so this check only keeps each batch consistent with it: what
+        ties the cache to this model is the set-up check (``cache_checks.check_prompt_cache``),
+        which compares the text encoders, the tokenizers and :meth:`prompt_settings` (the token
+        lengths) before installing it. Without one, the empty prompt is encoded (once).
 
         Raises:
             ValueError: the cache was written for another text encoder (other names or shapes).

@@ -19,6 +19,11 @@ def pack_latents(latents: Tensor) -> Tensor:
     """``[B, C, h, w]`` latents as ``[B, h/2 * w/2, 4C]`` tokens of 2x2 patches (``FluxPipeline``'s
     ``_pack_latents``)."""
     b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(
+            f"FLUX packs 2x2 latent patches, but the latents are {h}x{w}: train on images whose "
+            "sides are multiples of 2 x the VAE's scale factor (16 px for FLUX.1)."
+        )
     patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return patches.reshape(b, (h // 2) * (w // 2), c * 4)
 
@@ -154,6 +159,15 @@ class FluxDenoiser(Denoiser):
     def latent_shape(self) -> tuple[int, int, int]:
         side = 2 * (self.resolution // (2 * self.vae_scale_factor))
         return int(self.transformer.config.in_channels) // 4, side, side
+
+    def prompt_lengths(self) -> dict[str, int]:
+        return {
+            "tokenizer": int(self.tokenizer.model_max_length),
+            "tokenizer_2": self.max_sequence_length,
+        }
+
+    def latent_side_multiple(self) -> tuple[int, str]:
+        return 2, "FLUX packs 2x2 latent patches into tokens"
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:

@@ -91,6 +91,12 @@ class SD3Denoiser(Denoiser):
                 "(models.load_tokenizer with subfolder: tokenizer_3), or drop both for zero T5 states."
             )
         self._check_widths()
+        patch, why = self.latent_side_multiple()
+        if self.latent_shape()[1] % patch:
+            side = self.latent_shape()[1]
+            raise ValueError(
+                f"sample_size={side} latents, but {why}; use sample_size={side - side % patch}."
+            )
 
     def _check_widths(self) -> None:
         config = self.transformer.config
@@ -129,6 +135,16 @@ class SD3Denoiser(Denoiser):
         config = self.transformer.config
         size = self.sample_size or config.sample_size
         return int(config.in_channels), int(size), int(size)
+
+    def latent_side_multiple(self) -> tuple[int, str]:
+        patch = int(self.transformer.config.patch_size)
+        return patch, f"the SD3 transformer cuts {patch}x{patch} latent patches"
+
+    def prompt_lengths(self) -> dict[str, int]:
+        """Both CLIP tokenizers at the first one's ``model_max_length`` (as the pipeline), T5's
+        at ``max_sequence_length`` (also the length of the zeros that stand in for it)."""
+        clip = int(self.tokenizer.model_max_length)
+        return {"tokenizer": clip, "tokenizer_2": clip, "tokenizer_3": self.max_sequence_length}
 
     def _clip(self, index: int, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """Penultimate hidden states and projected pooled output of CLIP encoder ``index``."""
@@ -197,6 +213,12 @@ class SD3Denoiser(Denoiser):
         self, transformer: nn.Module, sample: Tensor, times: Tensor, cond: Conditioning
     ) -> Tensor:
         times = times.expand(sample.shape[0]) if times.ndim == 0 else times
+        patch, why = self.latent_side_multiple()
+        if sample.shape[-2] % patch or sample.shape[-1] % patch:  # it would drop the last row
+            raise ValueError(
+                f"{why}, but the latents are {sample.shape[-2]}x{sample.shape[-1]}: train on "
+                f"images whose sides are multiples of {patch} x the VAE's scale factor."
+            )
         return transformer(
             hidden_states=sample,
             timestep=times,

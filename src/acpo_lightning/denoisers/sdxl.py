@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,7 @@ class SDXLDenoiser(Denoiser):
     """
 
     is_conditional = True
+    uses_image_geometry = True
     process_kind = "vp"
     trained_name = "unet"
     network_label = "SDXL UNet"
@@ -108,6 +110,17 @@ class SDXLDenoiser(Denoiser):
         return height * self.vae_scale_factor, width * self.vae_scale_factor
 
     # ------------------------------------------------------------------ text
+    def prompt_lengths(self) -> dict[str, int]:
+        return {
+            "tokenizer": self._prompt_length(self.tokenizer, self.text_encoder),
+            "tokenizer_2": self._prompt_length(self.tokenizer_2, self.text_encoder_2),
+        }
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """The prompt lengths and whether the empty prompt is zeros."""
+        zeros = bool(self.force_zeros_for_empty_prompt)
+        return {**super().prompt_settings(), "force_zeros_for_empty_prompt": zeros}
+
     def _prompt_length(self, tokenizer: PreTrainedTokenizerBase, encoder: nn.Module) -> int:
         length = self.max_prompt_length or int(tokenizer.model_max_length)
         positions = getattr(encoder.config, "max_position_embeddings", None)

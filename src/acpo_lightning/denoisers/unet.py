@@ -73,6 +73,9 @@ class UNetDenoiser(Denoiser):
         side = int(size[0] if isinstance(size, list | tuple) else size)
         return int(self.unet.config.in_channels), side, side
 
+    def prompt_lengths(self) -> dict[str, int]:
+        return {"tokenizer": self._prompt_length()} if self.is_conditional else {}
+
     def _prompt_length(self) -> int:
         length = self.max_prompt_length or int(self.tokenizer.model_max_length)
         positions = getattr(self.text_encoder.config, "max_position_embeddings", None)
