@@ -134,3 +134,52 @@ def test_the_readme_callbacks_run_from_yaml(tmp_path, monkeypatch) -> None:
     record = json.loads((tmp_path / "lora" / "best" / "best.json").read_text())
     assert record["monitor"] == "val/heldout_iqa" and record["step"] in (1, 2)
     assert set(record["logged"]) >= {"val/guidance_iqa", "val/heldout_iqa"}
+
+
+class ScriptedEpochs(Callback):
+    """Log ``val/heldout_iqa`` from a script at each epoch end (as an evaluation with
+    ``every_n_epochs=1`` does, before ``ModelCheckpoint`` saves) and export that epoch's LoRA."""
+
+    def __init__(self, values: list[float], folder) -> None:
+        self.values, self.folder = values, folder
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        value = self.values[trainer.current_epoch]
+        trainer.callback_metrics["val/heldout_iqa"] = torch.tensor(value)
+        pl_module.save_lora(self.folder / f"step-{trainer.global_step}")
+
+
+def test_a_resumed_run_keeps_the_best_of_the_evaluation_before_the_checkpoint(
+    tmp_path, tokenizer_dir
+) -> None:
+    """An epoch-end evaluation is taken up before ``epoch=0.ckpt`` is written: resuming from it
+    keeps the same best step and value, and leaves ``best/`` as the uninterrupted run wrote it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    values = [0.5, 0.3, 0.4]  # the best is the first evaluation, at step 2
+
+    def fit(steps_folder: str, ckpt_path=None) -> BestLoRACallback:
+        best = BestLoRACallback(dirpath=tmp_path / "lora")
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        trainer = pl.Trainer(
+            max_epochs=3, limit_train_batches=2, accelerator="cpu", logger=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=[ScriptedEpochs(values, tmp_path / steps_folder), best, checkpoints],
+        )  # fmt: skip
+        module = make_module(tokenizer_dir, num_inference_steps=2)
+        data = ShapesDataModule(train_size=4, image_size=32, batch_size=2)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return best
+
+    whole = fit("steps")
+    kept = tmp_path / "lora" / "best" / "pytorch_lora_weights.safetensors"
+    assert (whole.best_step, whole.best_value) == (2, 0.5)
+    assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)
+    first = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    assert first["callbacks"][whole.state_key]["best_value"] == 0.5
+
+    resumed = fit("resumed", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert (resumed.best_step, resumed.best_value) == (2, 0.5)
+    assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)  # not overwritten
+    assert json.loads((kept.parent / "best.json").read_text())["step"] == 2

@@ -106,7 +106,8 @@ class BestLoRACallback(Callback):
 
     A new value is taken up at the end of the step that logged it when this callback is listed
     after the evaluation callbacks, else at the start of the next step (before its optimizer step:
-    the LoRA is still the one evaluated; a stop then comes one step later).
+    the LoRA is still the one evaluated; a stop then comes one step later), and always before a
+    checkpoint is written, so that a run resumed from the checkpoint keeps the same best.
 
     Args:
         monitor: the logged value to follow.
@@ -156,6 +157,18 @@ class BestLoRACallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # An evaluation logged since the last hook of this callback (e.g. at the epoch end, where
+        # ModelCheckpoint saves next) would otherwise be taken up only after the checkpoint is
+        # written, and a run resumed from it would never see that value. Lightning has already
+        # stored state_dict() when this hook runs: store it again with the value taken up.
+        self._check(trainer, pl_module)
+        states = checkpoint.get("callbacks")
+        if states is not None and self.state_key in states:
+            states[self.state_key] = self.state_dict()
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
