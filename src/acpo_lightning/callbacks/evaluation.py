@@ -22,6 +22,7 @@ from acpo_lightning.callbacks.generation import (
     EvaluationPass,
     GenerationSettings,
     describe_settings,
+    is_conditional,
 )
 from acpo_lightning.callbacks.prompts import load_prompts
 
@@ -113,7 +114,8 @@ class GenerationMetricCallback(Callback):
                 f"{type(self).__name__} needs a module with generate(prompts, seed, ...), such as "
                 f"ACPOModule; got {type(pl_module).__name__}."
             )
-        if self.needs_prompts and not getattr(pl_module, "is_conditional", True):
+        conditional = is_conditional(pl_module)  # one that does not say is refused here
+        if self.needs_prompts and not conditional:
             raise ValueError(
                 f"{type(self).__name__} scores images against their prompts, but "
                 f"{type(pl_module).__name__} is unconditional; use MANIQACallback instead."
