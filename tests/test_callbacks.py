@@ -328,3 +328,40 @@ def test_the_grid_of_an_unconditional_model_is_captioned_with_seeds(prompt_file,
     expected = module.generate(3, seed=4, num_inference_steps=STEPS)
     score = T.TinyQualityHead()(expected).mean().item()
     assert trainer.callback_metrics["val/heldout_iqa"].item() == pytest.approx(score, abs=1e-5)
+
+
+def _fit_heads(tmp_path, module, callbacks) -> pl.Trainer:
+    trainer = _trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=1, logger=False)
+    trainer.fit(module, datamodule=_data())
+    return trainer
+
+
+def _head_options(prompt_file, **kwargs) -> dict:
+    return dict(prompts=str(prompt_file), batch_size=3, every_n_epochs=1, log_images=0, **kwargs)
+
+
+def test_a_second_fit_with_another_head_of_the_same_class_scores_its_own_base(
+    tokenizer_dir, prompt_file, tmp_path
+) -> None:
+    """Base values are kept for the head they were computed with, not for its class name."""
+    module = make_module(tokenizer_dir, num_inference_steps=STEPS)
+    base = module.generate(PROMPTS, seed=0, num_inference_steps=STEPS, use_anchor=True)
+    for seed in (1, 2):
+        head = T.TinyQualityHead(seed=seed)
+        callback = QualityHeadCallback(head=head, **_head_options(prompt_file))
+        trainer = _fit_heads(tmp_path, module, [callback])
+        logged = trainer.callback_metrics["val/heldout_iqa_base"].item()
+        assert logged == pytest.approx(head(base).mean().item(), abs=1e-5), f"head seed {seed}"
+
+
+def test_a_reused_proxy_callback_scores_with_the_head_of_the_module_it_runs_on(
+    tokenizer_dir, prompt_file, tmp_path
+) -> None:
+    callback = QualityHeadCallback(**_head_options(prompt_file, compare_base=False))
+    for seed in (1, 2):
+        head = T.TinyQualityHead(seed=seed)
+        module = make_module(tokenizer_dir, num_inference_steps=STEPS, quality_head=head)
+        trainer = _fit_heads(tmp_path, module, [callback])
+        images = module.generate(PROMPTS, seed=0, num_inference_steps=STEPS)
+        logged = trainer.callback_metrics["val/guidance_iqa"].item()
+        assert logged == pytest.approx(head(images).mean().item(), abs=1e-5), f"head seed {seed}"

@@ -9,6 +9,7 @@ eval mode under ``no_grad``, prompts sharded across DDP ranks and metrics synced
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from acpo_lightning.callbacks.generation import (
     is_conditional,
 )
 from acpo_lightning.callbacks.prompts import load_prompts
+
+_METRIC_NUMBERS = itertools.count()  # one per built metric: the base-value cache's key
 
 
 class GenerationMetricCallback(Callback):
@@ -90,6 +93,7 @@ class GenerationMetricCallback(Callback):
         self.compare_base, self.log_images = compare_base, log_images
         self.metric_name = name or self.metric_name
         self.metric: Metric | None = None
+        self._metric_number = -1
         self.evaluation_pass: EvaluationPass | None = None
 
     @property
@@ -102,9 +106,17 @@ class GenerationMetricCallback(Callback):
 
     @property
     def cache_key(self) -> tuple:
-        """Identifies the metric for the base-value cache: name and backbone/formula."""
-        info = self.metric.info if self.metric is not None else {}
-        return (self.metric_name, type(self.metric).__name__, tuple(sorted(info.items())))
+        """Identifies the metric for the base-value cache: its name and the metric object built.
+
+        A base value holds for the very metric that computed it: another head of the same class
+        (another fit, a rebuilt metric) scores the base images differently. The number is drawn
+        once per built metric and never reused, unlike ``id()``.
+        """
+        return (self.metric_name, self._metric_number)
+
+    def use_metric(self, metric: Metric) -> None:
+        """Score with ``metric`` from now on (its base values are computed afresh)."""
+        self.metric, self._metric_number = metric, next(_METRIC_NUMBERS)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -121,7 +133,7 @@ class GenerationMetricCallback(Callback):
                 f"{type(pl_module).__name__} is unconditional; use MANIQACallback instead."
             )
         if self.metric is None:
-            self.metric = self.build_metric()
+            self.use_metric(self.build_metric())
         self.evaluation_pass = EvaluationPass.shared(pl_module, self.settings)
         self.evaluation_pass.register(self)
         params = {f"eval/{self.metric_name}/{k}": v for k, v in self.metric.info.items()}

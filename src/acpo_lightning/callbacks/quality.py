@@ -78,17 +78,20 @@ class QualityHeadCallback(GenerationMetricCallback):
         self, head: nn.Module | None = None, name: str | None = None, **kwargs: Any
     ) -> None:
         self.head = head
+        self.uses_module_head = head is None
         name = name or ("guidance_iqa" if head is None else "heldout_iqa")
         super().__init__(name=name, **kwargs)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.head is None:
-            self.head = getattr(pl_module, "quality_head", None)
-            if self.head is None:
+        if self.uses_module_head:  # the head of the module this run trains, at every run
+            head = getattr(pl_module, "quality_head", None)
+            if head is None:
                 raise TypeError(
                     f"QualityHeadCallback(head=None) scores with the module's quality_head, but "
                     f"{type(pl_module).__name__} has none; pass head=<a QualityHead>."
                 )
+            if head is not self.head:
+                self.head, self.metric = head, None  # rebuilt by the base class's setup
         super().setup(trainer, pl_module, stage)
 
     def build_metric(self) -> Metric:
