@@ -183,3 +183,48 @@ def test_a_resumed_run_keeps_the_best_of_the_evaluation_before_the_checkpoint(
     assert (resumed.best_step, resumed.best_value) == (2, 0.5)
     assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)  # not overwritten
     assert json.loads((kept.parent / "best.json").read_text())["step"] == 2
+
+
+def test_the_proxy_curve_scores_the_crops_the_policy_is_trained_on(tmp_path, tokenizer_dir):
+    """With ``perceptual_crop``, training scores native-resolution crops; so does the proxy
+    callback (the same head on whole images resized is another number)."""
+    from acpo_lightning.callbacks.quality import crop_seed, crops_at_native_resolution
+    from acpo_lightning.crops import PerceptualCrop
+
+    prompts = ["a red square", "a blue circle", "a green star"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    crop = PerceptualCrop(16, count=2)
+    module = make_module(tokenizer_dir, num_inference_steps=2, perceptual_crop=crop)
+    proxy = QualityHeadCallback(prompts=tmp_path / "prompts.txt", seed=3, batch_size=2,
+                                compare_base=False, log_images=0)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[proxy],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=2, image_size=32, batch_size=2))
+    images = module.generate(prompts, seed=3, num_inference_steps=2)
+    seeds = [crop_seed(3, i) for i in range(len(prompts))]
+    crops = crops_at_native_resolution(images, crop, module.codec.scale_factor, seeds)
+    head = module.quality_head
+    logged = trainer.callback_metrics["val/guidance_iqa"].item()
+    assert logged == pytest.approx(head(crops, None).mean().item(), abs=1e-5)
+    assert abs(logged - head(images).mean().item()) > 1e-3  # not the whole images
+
+
+def test_native_crops_are_windows_of_the_image_on_the_latent_grid_whatever_the_batch() -> None:
+    from acpo_lightning.callbacks.quality import crop_seed, crops_at_native_resolution
+    from acpo_lightning.crops import PerceptualCrop
+
+    images = torch.rand(3, 3, 32, 48)
+    crop, seeds = PerceptualCrop(16, count=4), [crop_seed(0, i) for i in range(3)]
+    crops = crops_at_native_resolution(images, crop, 8, seeds)
+    assert crops.shape == (12, 3, 16, 16)
+    for row, piece in enumerate(crops):
+        windows = [images[row // 4, :, top : top + 16, left : left + 16]
+                   for top in range(0, 17, 8) for left in range(0, 33, 8)]  # fmt: skip
+        assert any(torch.equal(piece, window) for window in windows)
+    tail = crops_at_native_resolution(images[1:], crop, 8, seeds[1:])
+    assert torch.equal(tail, crops[4:])  # an image's crops do not depend on its batch
+    positions = {tuple(c.flatten()[:4].tolist()) for c in crops[:4]}
+    assert len(positions) > 1  # several places, not one repeated

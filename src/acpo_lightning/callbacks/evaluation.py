@@ -175,8 +175,9 @@ class GenerationMetricCallback(Callback):
             self.evaluation_pass.evaluate(trainer, pl_module, event)
 
     # ------------------------------------------------------------------ what the pass calls
-    def update(self, images: Tensor, prompts: list[str]) -> None:
-        """Score a batch of generated images (on the images' device)."""
+    def update(self, images: Tensor, prompts: list[str], first: int = 0) -> None:
+        """Score a batch of generated images (on the images' device); its first image is image
+        ``first`` of the prompt list."""
         if self.metric.device != images.device:
             self.metric.to(images.device)
         self.metric.update(images, prompts)

@@ -50,7 +50,7 @@ class EvaluationConsumer(Protocol):
     def cache_key(self) -> tuple: ...
 
     def is_due(self, trainer: pl.Trainer, event: str) -> bool: ...
-    def update(self, images: Tensor, prompts: list[str]) -> None: ...
+    def update(self, images: Tensor, prompts: list[str], first: int) -> None: ...
     def finish(self) -> float: ...
 
 
@@ -140,7 +140,7 @@ class EvaluationPass:
                 )
             images = images.float()
             for consumer in consumers:
-                consumer.update(images, prompts)
+                consumer.update(images, prompts, first)
             if sum(len(k) for k in kept) < keep:
                 kept.append(images[: keep - sum(len(k) for k in kept)].cpu())
             self.stats["images"] += len(prompts)
