@@ -228,3 +228,62 @@ def test_native_crops_are_windows_of_the_image_on_the_latent_grid_whatever_the_b
     assert torch.equal(tail, crops[4:])  # an image's crops do not depend on its batch
     positions = {tuple(c.flatten()[:4].tolist()) for c in crops[:4]}
     assert len(positions) > 1  # several places, not one repeated
+
+
+class LowerIsBetterHead(T.TinyQualityHead):
+    """A held-out head whose lower scores are better (as NIQE and BRISQUE)."""
+
+    higher_is_better = False
+
+
+class Recorder(Callback):
+    """Every value of ``val/heldout_iqa`` the evaluation logged, by step."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.values[trainer.global_step] = float(trainer.callback_metrics["val/heldout_iqa"])
+
+
+def test_the_best_lora_follows_the_direction_of_the_heldout_head(tmp_path, tokenizer_dir):
+    """Without ``mode``, a lower-is-better held-out head keeps the LoRA of its lowest value."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    heldout = QualityHeadCallback(
+        head=LowerIsBetterHead(seed=7), prompts=prompts, every_n_steps=1, every_n_epochs=None,
+        batch_size=2, compare_base=False, log_images=0,
+    )  # fmt: skip
+    best, recorder = BestLoRACallback(dirpath=tmp_path / "lora"), Recorder()
+    module = make_module(tokenizer_dir, num_inference_steps=2, lora_init=False)
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[heldout, best, recorder],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=8, image_size=32, batch_size=2))
+    values = recorder.values
+    assert len(values) == 4 and min(values.values()) < max(values.values())
+    assert best.mode == "min"
+    assert best.best_value == min(values.values())  # the logged tensor itself
+    assert best.best_step == min(values, key=values.get)
+    record = json.loads((tmp_path / "lora" / "best" / "best.json").read_text())
+    assert record["mode"] == "min"
+
+
+def test_a_mode_against_the_heads_direction_is_refused(tmp_path, tokenizer_dir) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    heldout = QualityHeadCallback(head=LowerIsBetterHead(), prompts=prompts, log_images=0)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[heldout, BestLoRACallback(mode="max", dirpath=tmp_path / "lora")],
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"mode='max'.*val/heldout_iqa.*LowerIsBetterHead.*mode: min"
+    ):
+        trainer.fit(
+            make_module(tokenizer_dir), ShapesDataModule(train_size=2, image_size=32, batch_size=2)
+        )
+    assert trainer.global_step == 0

@@ -104,6 +104,12 @@ class GenerationMetricCallback(Callback):
         """Build (load) the metric; called once, at ``setup``."""
         raise NotImplementedError
 
+    def direction(self, pl_module: pl.LightningModule) -> tuple[bool, str] | None:
+        """Whether a higher ``val/<name>`` is better, and what says so; ``None``: unknown (the
+        metric is not built yet). Read by :class:`~acpo_lightning.callbacks.BestLoRACallback`."""
+        higher = getattr(self.metric, "higher_is_better", None)
+        return None if higher is None else (bool(higher), type(self.metric).__name__)
+
     @property
     def cache_key(self) -> tuple:
         """Identifies the metric for the base-value cache: its name and the metric object built.

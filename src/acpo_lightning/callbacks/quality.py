@@ -169,6 +169,13 @@ class QualityHeadCallback(GenerationMetricCallback):
                 self._scored_as = (head, crop, scale)
         super().setup(trainer, pl_module, stage)
 
+    def direction(self, pl_module: pl.LightningModule) -> tuple[bool, str] | None:
+        """The head's ``higher_is_better`` and class name (the module's head for ``head=None``)."""
+        head = getattr(pl_module, "quality_head", None) if self.uses_module_head else self.head
+        if head is None:
+            return None
+        return bool(getattr(head, "higher_is_better", True)), type(head).__name__
+
     def build_metric(self) -> Metric:
         _, crop, scale = self._scored_as
         return HeadScore(self.head, crop, scale)
@@ -197,7 +204,11 @@ class BestLoRACallback(Callback):
 
     Args:
         monitor: the logged value to follow.
-        mode: ``max`` (higher is better) or ``min``.
+        mode: ``max`` (higher is better) or ``min``. ``None`` (the default) follows the direction
+            of the evaluation callback that logs ``monitor`` (``val/<name>`` or
+            ``val/<name>_delta``): a :class:`QualityHeadCallback`'s head says it with
+            ``higher_is_better`` (``min`` for NIQE or BRISQUE); ``max`` when no such callback
+            says. A ``mode`` against that direction is refused at setup.
         dirpath: output folder (default: ``<log_dir>/lora``).
         patience: evaluations without improvement before stopping (``None``: never stop).
         min_delta: the least change that counts as an improvement.
@@ -206,18 +217,21 @@ class BestLoRACallback(Callback):
     def __init__(
         self,
         monitor: str = "val/heldout_iqa",
-        mode: Literal["max", "min"] = "max",
+        mode: Literal["max", "min"] | None = None,
         dirpath: str | Path | None = None,
         patience: int | None = None,
         min_delta: float = 0.0,
     ) -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode={mode!r} must be 'max' or 'min'.")
+        if mode not in ("max", "min", None):
+            raise ValueError(
+                f"mode={mode!r} must be 'max' or 'min' (or null: the monitored head's direction)."
+            )
         if patience is not None and patience < 1:
             raise ValueError(f"patience={patience} must be >= 1 or null (never stop).")
         if min_delta < 0:
             raise ValueError(f"min_delta={min_delta} must be >= 0.")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.requested_mode = mode
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -229,7 +243,33 @@ class BestLoRACallback(Callback):
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the folder and the mode (before a checkpoint's state is restored: the state
+        key holds the mode)."""
         self.dirpath = lora_folder(self, trainer, pl_module, self.dirpath)
+        self.mode = self._resolve_mode(trainer, pl_module)
+
+    def _resolve_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """``mode`` as given, else the direction of the callback that logs ``monitor``.
+
+        Raises:
+            ValueError: the given mode is against that direction.
+        """
+        for callback in trainer.callbacks:
+            if not isinstance(callback, GenerationMetricCallback):
+                continue
+            name = callback.metric_name
+            direction = callback.direction(pl_module)
+            if self.monitor in (f"val/{name}", f"val/{name}_delta") and direction is not None:
+                higher, scorer = direction
+                implied = "max" if higher else "min"
+                if self.requested_mode not in (None, implied):
+                    raise ValueError(
+                        f"BestLoRACallback(mode={self.requested_mode!r}) follows {self.monitor}, "
+                        f"but its scorer {scorer} has higher_is_better={higher}: the kept LoRA "
+                        f"would be the worst. Use mode: {implied}, or leave mode out."
+                    )
+                return implied
+        return self.requested_mode or "max"
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
