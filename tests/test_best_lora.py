@@ -160,7 +160,7 @@ def test_a_resumed_run_keeps_the_best_of_the_evaluation_before_the_checkpoint(
 
     def fit(steps_folder: str, ckpt_path=None) -> BestLoRACallback:
         best = BestLoRACallback(dirpath=tmp_path / "lora")
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{steps_folder}", save_top_k=-1)
         trainer = pl.Trainer(
             max_epochs=3, limit_train_batches=2, accelerator="cpu", logger=False,
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -176,10 +176,10 @@ def test_a_resumed_run_keeps_the_best_of_the_evaluation_before_the_checkpoint(
     kept = tmp_path / "lora" / "best" / "pytorch_lora_weights.safetensors"
     assert (whole.best_step, whole.best_value) == (2, 0.5)
     assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)
-    first = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    first = torch.load(tmp_path / "ckpt-steps" / "epoch=0-step=2.ckpt", weights_only=True)
     assert first["callbacks"][whole.state_key]["best_value"] == 0.5
 
-    resumed = fit("resumed", ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    resumed = fit("resumed", ckpt_path=tmp_path / "ckpt-steps" / "epoch=0-step=2.ckpt")
     assert (resumed.best_step, resumed.best_value) == (2, 0.5)
     assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)  # not overwritten
     assert json.loads((kept.parent / "best.json").read_text())["step"] == 2
