@@ -134,3 +134,156 @@ def test_the_readme_callbacks_run_from_yaml(tmp_path, monkeypatch) -> None:
     record = json.loads((tmp_path / "lora" / "best" / "best.json").read_text())
     assert record["monitor"] == "val/heldout_iqa" and record["step"] in (1, 2)
     assert set(record["logged"]) >= {"val/guidance_iqa", "val/heldout_iqa"}
+
+
+class ScriptedEpochs(Callback):
+    """Log ``val/heldout_iqa`` from a script at each epoch end (as an evaluation with
+    ``every_n_epochs=1`` does, before ``ModelCheckpoint`` saves) and export that epoch's LoRA."""
+
+    def __init__(self, values: list[float], folder) -> None:
+        self.values, self.folder = values, folder
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        value = self.values[trainer.current_epoch]
+        trainer.callback_metrics["val/heldout_iqa"] = torch.tensor(value)
+        pl_module.save_lora(self.folder / f"step-{trainer.global_step}")
+
+
+def test_a_resumed_run_keeps_the_best_of_the_evaluation_before_the_checkpoint(
+    tmp_path, tokenizer_dir
+) -> None:
+    """An epoch-end evaluation is taken up before ``epoch=0.ckpt`` is written: resuming from it
+    keeps the same best step and value, and leaves ``best/`` as the uninterrupted run wrote it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    values = [0.5, 0.3, 0.4]  # the best is the first evaluation, at step 2
+
+    def fit(steps_folder: str, ckpt_path=None) -> BestLoRACallback:
+        best = BestLoRACallback(dirpath=tmp_path / "lora")
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{steps_folder}", save_top_k=-1)
+        trainer = pl.Trainer(
+            max_epochs=3, limit_train_batches=2, accelerator="cpu", logger=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=[ScriptedEpochs(values, tmp_path / steps_folder), best, checkpoints],
+        )  # fmt: skip
+        module = make_module(tokenizer_dir, num_inference_steps=2)
+        data = ShapesDataModule(train_size=4, image_size=32, batch_size=2)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return best
+
+    whole = fit("steps")
+    kept = tmp_path / "lora" / "best" / "pytorch_lora_weights.safetensors"
+    assert (whole.best_step, whole.best_value) == (2, 0.5)
+    assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)
+    first = torch.load(tmp_path / "ckpt-steps" / "epoch=0-step=2.ckpt", weights_only=True)
+    assert first["callbacks"][whole.state_key]["best_value"] == 0.5
+
+    resumed = fit("resumed", ckpt_path=tmp_path / "ckpt-steps" / "epoch=0-step=2.ckpt")
+    assert (resumed.best_step, resumed.best_value) == (2, 0.5)
+    assert _same_file(kept, tmp_path / "steps" / "step-2" / kept.name)  # not overwritten
+    assert json.loads((kept.parent / "best.json").read_text())["step"] == 2
+
+
+def test_the_proxy_curve_scores_the_crops_the_policy_is_trained_on(tmp_path, tokenizer_dir):
+    """With ``perceptual_crop``, training scores native-resolution crops; so does the proxy
+    callback (the same head on whole images resized is another number)."""
+    from acpo_lightning.callbacks.quality import crop_seed, crops_at_native_resolution
+    from acpo_lightning.crops import PerceptualCrop
+
+    prompts = ["a red square", "a blue circle", "a green star"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    crop = PerceptualCrop(16, count=2)
+    module = make_module(tokenizer_dir, num_inference_steps=2, perceptual_crop=crop)
+    proxy = QualityHeadCallback(prompts=tmp_path / "prompts.txt", seed=3, batch_size=2,
+                                compare_base=False, log_images=0)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[proxy],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=2, image_size=32, batch_size=2))
+    images = module.generate(prompts, seed=3, num_inference_steps=2)
+    seeds = [crop_seed(3, i) for i in range(len(prompts))]
+    crops = crops_at_native_resolution(images, crop, module.codec.scale_factor, seeds)
+    head = module.quality_head
+    logged = trainer.callback_metrics["val/guidance_iqa"].item()
+    assert logged == pytest.approx(head(crops, None).mean().item(), abs=1e-5)
+    assert abs(logged - head(images).mean().item()) > 1e-3  # not the whole images
+
+
+def test_native_crops_are_windows_of_the_image_on_the_latent_grid_whatever_the_batch() -> None:
+    from acpo_lightning.callbacks.quality import crop_seed, crops_at_native_resolution
+    from acpo_lightning.crops import PerceptualCrop
+
+    images = torch.rand(3, 3, 32, 48)
+    crop, seeds = PerceptualCrop(16, count=4), [crop_seed(0, i) for i in range(3)]
+    crops = crops_at_native_resolution(images, crop, 8, seeds)
+    assert crops.shape == (12, 3, 16, 16)
+    for row, piece in enumerate(crops):
+        windows = [images[row // 4, :, top : top + 16, left : left + 16]
+                   for top in range(0, 17, 8) for left in range(0, 33, 8)]  # fmt: skip
+        assert any(torch.equal(piece, window) for window in windows)
+    tail = crops_at_native_resolution(images[1:], crop, 8, seeds[1:])
+    assert torch.equal(tail, crops[4:])  # an image's crops do not depend on its batch
+    positions = {tuple(c.flatten()[:4].tolist()) for c in crops[:4]}
+    assert len(positions) > 1  # several places, not one repeated
+
+
+class LowerIsBetterHead(T.TinyQualityHead):
+    """A held-out head whose lower scores are better (as NIQE and BRISQUE)."""
+
+    higher_is_better = False
+
+
+class Recorder(Callback):
+    """Every value of ``val/heldout_iqa`` the evaluation logged, by step."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.values[trainer.global_step] = float(trainer.callback_metrics["val/heldout_iqa"])
+
+
+def test_the_best_lora_follows_the_direction_of_the_heldout_head(tmp_path, tokenizer_dir):
+    """Without ``mode``, a lower-is-better held-out head keeps the LoRA of its lowest value."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    heldout = QualityHeadCallback(
+        head=LowerIsBetterHead(seed=7), prompts=prompts, every_n_steps=1, every_n_epochs=None,
+        batch_size=2, compare_base=False, log_images=0,
+    )  # fmt: skip
+    best, recorder = BestLoRACallback(dirpath=tmp_path / "lora"), Recorder()
+    module = make_module(tokenizer_dir, num_inference_steps=2, lora_init=False)
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        default_root_dir=tmp_path, callbacks=[heldout, best, recorder],
+    )  # fmt: skip
+    trainer.fit(module, ShapesDataModule(train_size=8, image_size=32, batch_size=2))
+    values = recorder.values
+    assert len(values) == 4 and min(values.values()) < max(values.values())
+    assert best.mode == "min"
+    assert best.best_value == min(values.values())  # the logged tensor itself
+    assert best.best_step == min(values, key=values.get)
+    record = json.loads((tmp_path / "lora" / "best" / "best.json").read_text())
+    assert record["mode"] == "min"
+
+
+def test_a_mode_against_the_heads_direction_is_refused(tmp_path, tokenizer_dir) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    heldout = QualityHeadCallback(head=LowerIsBetterHead(), prompts=prompts, log_images=0)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[heldout, BestLoRACallback(mode="max", dirpath=tmp_path / "lora")],
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"mode='max'.*val/heldout_iqa.*LowerIsBetterHead.*mode: min"
+    ):
+        trainer.fit(
+            make_module(tokenizer_dir), ShapesDataModule(train_size=2, image_size=32, batch_size=2)
+        )
+    assert trainer.global_step == 0

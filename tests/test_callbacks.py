@@ -12,6 +12,7 @@ from acpo_lightning.callbacks import (
     CLIPScoreCallback,
     MANIQACallback,
     PickScoreCallback,
+    QualityHeadCallback,
     load_prompts,
 )
 from acpo_lightning.callbacks.generation import evaluation_mode
@@ -288,3 +289,79 @@ def test_prompt_lists_shipped_files_and_benchmarks(tmp_path) -> None:
         load_prompts(bad)
     with pytest.raises(FileNotFoundError, match="neither a shipped list"):
         load_prompts(tmp_path / "absent.txt")
+
+
+def test_the_module_says_whether_it_is_text_conditional(tokenizer_dir) -> None:
+    assert make_module(tokenizer_dir).is_conditional is True
+    assert make_module(latent=False, conditional=False).is_conditional is False
+
+
+@pytest.mark.parametrize("callback_class", [PickScoreCallback, CLIPScoreCallback])
+def test_prompt_metrics_are_refused_on_an_unconditional_model_at_setup(
+    callback_class, clip_dir, prompt_file, tmp_path
+) -> None:
+    module = make_module(latent=False, conditional=False, num_inference_steps=STEPS)
+    tiny = {"pretrained_model_name_or_path": str(clip_dir), "processor_name_or_path": str(clip_dir)}
+    callback = callback_class(**tiny, prompts=str(prompt_file), log_images=0)
+    trainer = _trainer(tmp_path, [callback], logger=False)
+    with pytest.raises(ValueError, match="is unconditional; use MANIQACallback"):
+        trainer.fit(module, datamodule=_data())
+    assert trainer.global_step == 0
+
+
+def test_the_grid_of_an_unconditional_model_is_captioned_with_seeds(prompt_file, tmp_path) -> None:
+    """The prompt list only sets the number of images: the captions name each image's seed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = make_module(latent=False, conditional=False, num_inference_steps=STEPS)
+    heldout = QualityHeadCallback(
+        head=T.TinyQualityHead(), prompts=str(prompt_file), seed=4, batch_size=2,
+        every_n_epochs=1, log_images=2,
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, [heldout], max_epochs=1, limit_train_batches=1)
+    trainer.fit(module, datamodule=_data())
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    tag = next(t for t in events.Tags()["tensors"] if "samples_prompts" in t)
+    text = events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+    assert text == "0. seed 4\n1. seed 5"
+    expected = module.generate(3, seed=4, num_inference_steps=STEPS)
+    score = T.TinyQualityHead()(expected).mean().item()
+    assert trainer.callback_metrics["val/heldout_iqa"].item() == pytest.approx(score, abs=1e-5)
+
+
+def _fit_heads(tmp_path, module, callbacks) -> pl.Trainer:
+    trainer = _trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=1, logger=False)
+    trainer.fit(module, datamodule=_data())
+    return trainer
+
+
+def _head_options(prompt_file, **kwargs) -> dict:
+    return dict(prompts=str(prompt_file), batch_size=3, every_n_epochs=1, log_images=0, **kwargs)
+
+
+def test_a_second_fit_with_another_head_of_the_same_class_scores_its_own_base(
+    tokenizer_dir, prompt_file, tmp_path
+) -> None:
+    """Base values are kept for the head they were computed with, not for its class name."""
+    module = make_module(tokenizer_dir, num_inference_steps=STEPS)
+    base = module.generate(PROMPTS, seed=0, num_inference_steps=STEPS, use_anchor=True)
+    for seed in (1, 2):
+        head = T.TinyQualityHead(seed=seed)
+        callback = QualityHeadCallback(head=head, **_head_options(prompt_file))
+        trainer = _fit_heads(tmp_path, module, [callback])
+        logged = trainer.callback_metrics["val/heldout_iqa_base"].item()
+        assert logged == pytest.approx(head(base).mean().item(), abs=1e-5), f"head seed {seed}"
+
+
+def test_a_reused_proxy_callback_scores_with_the_head_of_the_module_it_runs_on(
+    tokenizer_dir, prompt_file, tmp_path
+) -> None:
+    callback = QualityHeadCallback(**_head_options(prompt_file, compare_base=False))
+    for seed in (1, 2):
+        head = T.TinyQualityHead(seed=seed)
+        module = make_module(tokenizer_dir, num_inference_steps=STEPS, quality_head=head)
+        trainer = _fit_heads(tmp_path, module, [callback])
+        images = module.generate(PROMPTS, seed=0, num_inference_steps=STEPS)
+        logged = trainer.callback_metrics["val/guidance_iqa"].item()
+        assert logged == pytest.approx(head(images).mean().item(), abs=1e-5), f"head seed {seed}"

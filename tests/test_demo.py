@@ -323,3 +323,21 @@ def test_shipped_base_model_follows_held_out_prompts() -> None:
     assert measured["consistency"] == pytest.approx(recorded["consistency"], abs=1e-6)
     # mean probability of the prompted class; catches a 1e-4 shift (measured 1.2e-7)
     assert measured["consistency_prob"] == pytest.approx(recorded["consistency_prob"], abs=1e-4)
+
+
+def test_real_and_generated_rows_of_the_guidance_data_are_both_on_the_8_bit_grid() -> None:
+    """The real images are 8-bit; the base model's samples must be too, or the head can learn
+    'off the grid means generated' instead of what the samples get wrong."""
+    from acpo_demo.pretrain import RealVsGeneratedDataset
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (3, 3, 32, 32), generator=generator) / 255
+    generated = torch.rand(5, 3, 32, 32, generator=generator)  # a sampler's continuous output
+    data = RealVsGeneratedDataset(real, generated, k=4)
+    for i in range(len(data)):
+        item = data[i]
+        levels = item["images"].double() * 255
+        distance = (levels - levels.round()).abs().amax(dim=(1, 2, 3))
+        # k / 255 in float32: within 255 * eps of k after scaling back
+        assert distance.max() <= 255 * torch.finfo(torch.float32).eps, distance.tolist()
+        assert item["target"].tolist() == [1.0, 0.5, 0.5, 0.5, 0.5]

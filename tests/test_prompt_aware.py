@@ -163,13 +163,28 @@ def test_dataset_groups_have_the_specified_targets_and_prompts() -> None:
     assert torch.equal(item["images"][5], item["images"][0])  # same image, other caption
     assert (item["images"][4] - item["images"][0]).abs().mean() > 0.002  # distorted
     index = ["g0", "g1", "g2", "g3"].index(item["prompts"][6])
-    assert torch.equal(item["images"][6], generated[index])
+    assert torch.equal(item["images"][6], (generated[index] * 255).round() / 255)  # on the grid
     again = data[1]
     assert torch.equal(again["images"], item["images"]) and again["prompts"] == item["prompts"]
 
     batch = collate_prompt_groups([data[0], data[1]])
     assert batch["images"].shape == (2, 7, 3, 16, 16) and batch["target"].shape == (2, 7)
     assert batch["prompts"][1] == item["prompts"] and batch["mismatched"].shape == (2, 7)
+
+
+def test_every_row_of_a_group_is_on_the_8_bit_grid() -> None:
+    """A generated sample off the grid would tell its row from the others without any quality cue."""
+    images, labels = shapes(6, seed=0)
+    generated = torch.rand(4, 3, 16, 16)  # a sampler's continuous output
+    data = PromptPairDataset(
+        images, labels, shape_caption, levels=4, generated=generated,
+        generated_prompts=["g0", "g1", "g2", "g3"], seed=3,
+    )  # fmt: skip
+    for i in range(len(data)):
+        levels = data[i]["images"].double() * 255
+        distance = (levels - levels.round()).abs().amax(dim=(1, 2, 3))
+        # k / 255 in float32: within 255 * eps of k after scaling back
+        assert distance.max() <= 255 * torch.finfo(torch.float32).eps, distance.tolist()
 
 
 def test_dataset_rejects_inconsistent_inputs() -> None:

@@ -239,6 +239,56 @@ def test_synthetic_dataset_is_a_deterministic_ladder() -> None:
     assert torch.equal(item["images"], data[1]["images"])
 
 
+def _grid_distance(images: Tensor) -> float:
+    """The largest distance of a pixel to the 8-bit grid, in levels (0 on the grid, 0.5 at most)."""
+    levels = images.double() * 255
+    return float((levels - levels.round()).abs().max())
+
+
+# k / 255 in float32 is within half an ulp (2**-24 relative) of k / 255: times 255, under 255 * eps
+ON_GRID = 255 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("kind", sorted(DISTORTIONS))
+def test_ladders_at_small_sizes_are_distinct_monotone_and_on_the_8_bit_grid(kind: str) -> None:
+    """At 16 px with 8 levels every step is a different image, farther from the pristine one
+    (mean squared error) than the step below: downscale gave one size at two levels (6 px at
+    levels 4 and 5), JPEG could come closer at a lower quality."""
+    data = SyntheticDistortionDataset(
+        procedural_images(20, size=16, seed=2), size=16, levels=8, distortions=[kind]
+    )
+    flat, backwards = [], []
+    for i in range(len(data)):
+        ladder = data[i]["images"]
+        assert _grid_distance(ladder) <= ON_GRID
+        errors = [float((rung - ladder[0]).double().pow(2).mean()) for rung in ladder]
+        flat += [
+            (i, level) for level in range(1, 9) if torch.equal(ladder[level], ladder[level - 1])
+        ]
+        backwards += [(i, level) for level in range(1, 9) if errors[level] <= errors[level - 1]]
+    assert flat == [] and backwards == [], (len(flat), len(backwards))
+
+
+def test_ladder_settings_with_too_few_distinct_steps_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"levels=8 .* downscale has for 4x4 px.*levels <= 3"):
+        SyntheticDistortionDataset(torch.rand(2, 3, 4, 4), size=4, levels=8)
+    with pytest.raises(ValueError, match=r"levels=100 .*94 distinct settings jpeg.*levels <= 94"):
+        SyntheticDistortionDataset(torch.rand(2, 3, 8, 8), size=8, levels=100, distortions=["jpeg"])
+    SyntheticDistortionDataset(torch.rand(2, 3, 4, 4), size=4, levels=3)  # enough room
+
+
+def test_from_manifest_splits_by_source_image_not_by_row(tmp_path) -> None:
+    """A manifest that lists each image twice (two raters' rows) keeps both rows in one split."""
+    _write_manifest(tmp_path, [1.0, 3.0, 2.0, 5.0, 4.0, 2.5])
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    (tmp_path / "scores.csv").write_text("\n".join([*rows, *rows[1:]]) + "\n")  # 12 rows
+    data = IQADataModule.from_manifest(tmp_path / "scores.csv", val_fraction=0.5, size=16)
+    train, val = set(data.train_dataset.names), set(data.val_dataset.names)
+    assert train & val == set() and len(train | val) == 6
+    assert len(data.train_dataset) + len(data.val_dataset) == 12
+    assert len(data.train_dataset) == 2 * len(train) and len(data.val_dataset) == 2 * len(val)
+
+
 def _write_manifest(folder, scores: list[float]) -> None:
     images = procedural_images(len(scores), size=24)
     with (folder / "scores.csv").open("w", newline="") as handle:

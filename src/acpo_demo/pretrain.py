@@ -602,7 +602,9 @@ class RealVsGeneratedDataset(torch.utils.data.Dataset):
 
     The samples get ``generated_target`` (below 1), so the ranking loss of
     :class:`~acpo_lightning.quality.training.IQATrainingModule` puts real images above what the
-    base model makes: its own defects (malformed shapes, smudges) become low quality.
+    base model makes: its own defects (malformed shapes, smudges) become low quality. Both kinds
+    are put on the 8-bit grid (the real images are 8-bit already, the samples continuous), so
+    that being off the grid never gives a sample away.
     """
 
     def __init__(
@@ -627,7 +629,9 @@ class RealVsGeneratedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         picks = torch.randint(0, len(self.generated), (self.k,), generator=gen)
-        images = torch.cat([self.real[index : index + 1], self.generated[picks]])
+        from acpo_lightning.quality.distortions import quantize
+
+        images = quantize(torch.cat([self.real[index : index + 1], self.generated[picks]]))
         target = torch.tensor([1.0] + [self.value] * self.k)
         return {"images": images, "target": target}
 

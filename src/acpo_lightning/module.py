@@ -228,6 +228,12 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return PerceptualScorer(head, self.codec, self._checkpoint_head, crop)
 
     @property
+    def is_conditional(self) -> bool:
+        """Whether the networks take a prompt (the denoiser's, from its injected networks):
+        ``generate`` then needs prompts, not a count of images."""
+        return self.denoiser.is_conditional
+
+    @property
     def image_size(self) -> tuple[int, int]:
         _, height, width = self.denoiser.latent_shape()
         return height * self.codec.scale_factor, width * self.codec.scale_factor

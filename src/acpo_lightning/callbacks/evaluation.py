@@ -9,6 +9,7 @@ eval mode under ``no_grad``, prompts sharded across DDP ranks and metrics synced
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from acpo_lightning.callbacks.generation import (
     EvaluationPass,
     GenerationSettings,
     describe_settings,
+    is_conditional,
 )
 from acpo_lightning.callbacks.prompts import load_prompts
+
+_METRIC_NUMBERS = itertools.count()  # one per built metric: the base-value cache's key
 
 
 class GenerationMetricCallback(Callback):
@@ -89,6 +93,7 @@ class GenerationMetricCallback(Callback):
         self.compare_base, self.log_images = compare_base, log_images
         self.metric_name = name or self.metric_name
         self.metric: Metric | None = None
+        self._metric_number = -1
         self.evaluation_pass: EvaluationPass | None = None
 
     @property
@@ -99,11 +104,25 @@ class GenerationMetricCallback(Callback):
         """Build (load) the metric; called once, at ``setup``."""
         raise NotImplementedError
 
+    def direction(self, pl_module: pl.LightningModule) -> tuple[bool, str] | None:
+        """Whether a higher ``val/<name>`` is better, and what says so; ``None``: unknown (the
+        metric is not built yet). Read by :class:`~acpo_lightning.callbacks.BestLoRACallback`."""
+        higher = getattr(self.metric, "higher_is_better", None)
+        return None if higher is None else (bool(higher), type(self.metric).__name__)
+
     @property
     def cache_key(self) -> tuple:
-        """Identifies the metric for the base-value cache: name and backbone/formula."""
-        info = self.metric.info if self.metric is not None else {}
-        return (self.metric_name, type(self.metric).__name__, tuple(sorted(info.items())))
+        """Identifies the metric for the base-value cache: its name and the metric object built.
+
+        A base value holds for the very metric that computed it: another head of the same class
+        (another fit, a rebuilt metric) scores the base images differently. The number is drawn
+        once per built metric and never reused, unlike ``id()``.
+        """
+        return (self.metric_name, self._metric_number)
+
+    def use_metric(self, metric: Metric) -> None:
+        """Score with ``metric`` from now on (its base values are computed afresh)."""
+        self.metric, self._metric_number = metric, next(_METRIC_NUMBERS)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -113,13 +132,14 @@ class GenerationMetricCallback(Callback):
                 f"{type(self).__name__} needs a module with generate(prompts, seed, ...), such as "
                 f"ACPOModule; got {type(pl_module).__name__}."
             )
-        if self.needs_prompts and not getattr(pl_module, "is_conditional", True):
+        conditional = is_conditional(pl_module)  # one that does not say is refused here
+        if self.needs_prompts and not conditional:
             raise ValueError(
                 f"{type(self).__name__} scores images against their prompts, but "
                 f"{type(pl_module).__name__} is unconditional; use MANIQACallback instead."
             )
         if self.metric is None:
-            self.metric = self.build_metric()
+            self.use_metric(self.build_metric())
         self.evaluation_pass = EvaluationPass.shared(pl_module, self.settings)
         self.evaluation_pass.register(self)
         params = {f"eval/{self.metric_name}/{k}": v for k, v in self.metric.info.items()}
@@ -161,8 +181,9 @@ class GenerationMetricCallback(Callback):
             self.evaluation_pass.evaluate(trainer, pl_module, event)
 
     # ------------------------------------------------------------------ what the pass calls
-    def update(self, images: Tensor, prompts: list[str]) -> None:
-        """Score a batch of generated images (on the images' device)."""
+    def update(self, images: Tensor, prompts: list[str], first: int = 0) -> None:
+        """Score a batch of generated images (on the images' device); its first image is image
+        ``first`` of the prompt list."""
         if self.metric.device != images.device:
             self.metric.to(images.device)
         self.metric.update(images, prompts)

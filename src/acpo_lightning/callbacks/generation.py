@@ -50,7 +50,7 @@ class EvaluationConsumer(Protocol):
     def cache_key(self) -> tuple: ...
 
     def is_due(self, trainer: pl.Trainer, event: str) -> bool: ...
-    def update(self, images: Tensor, prompts: list[str]) -> None: ...
+    def update(self, images: Tensor, prompts: list[str], first: int) -> None: ...
     def finish(self) -> float: ...
 
 
@@ -127,7 +127,7 @@ class EvaluationPass:
         s = self.settings
         begin, end = shard_bounds(len(s.prompts), trainer.global_rank, trainer.world_size)
         kept: list[Tensor] = []
-        conditional = self._conditional = bool(getattr(pl_module, "is_conditional", True))
+        conditional = self._conditional = is_conditional(pl_module)
         for first in range(begin, end, s.batch_size):
             prompts = list(s.prompts[first : min(first + s.batch_size, end)])
             with trainer.precision_plugin.forward_context():
@@ -140,7 +140,7 @@ class EvaluationPass:
                 )
             images = images.float()
             for consumer in consumers:
-                consumer.update(images, prompts)
+                consumer.update(images, prompts, first)
             if sum(len(k) for k in kept) < keep:
                 kept.append(images[: keep - sum(len(k) for k in kept)].cpu())
             self.stats["images"] += len(prompts)
@@ -186,6 +186,22 @@ class EvaluationPass:
             if hasattr(experiment, "add_image"):
                 experiment.add_image("val/samples", grid, trainer.global_step, dataformats="CHW")
                 experiment.add_text("val/samples_prompts", prompts, trainer.global_step)
+
+
+def is_conditional(pl_module: pl.LightningModule) -> bool:
+    """Whether ``pl_module`` generates from prompts (else from a count of images).
+
+    Raises:
+        TypeError: the module does not say (no ``is_conditional``, as ``ACPOModule`` has).
+    """
+    conditional = getattr(pl_module, "is_conditional", None)
+    if not isinstance(conditional, bool):
+        raise TypeError(
+            f"the evaluation callbacks need a module that says whether it takes prompts "
+            f"(is_conditional: bool), such as ACPOModule; {type(pl_module).__name__} has "
+            f"is_conditional={conditional!r}."
+        )
+    return conditional
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.quality.distortions import DISTORTIONS, distort
+from acpo_lightning.quality.distortions import DISTORTIONS, check_ladder, severity_ladder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ImageSource = Tensor | str | Path | Sequence[str | Path]
@@ -105,7 +105,9 @@ class SyntheticDistortionDataset(Dataset):
     """Severity ladders of synthetic distortions applied to the user's own images.
 
     Item ``i`` is source image ``i // D`` under distortion ``i % D`` (``D`` distortions) at levels
-    ``0..levels``; it is deterministic in ``(seed, i)``.
+    ``0..levels`` (:func:`~acpo_lightning.quality.distortions.severity_ladder`: every level a
+    different image, farther from the pristine one than the level below); it is deterministic in
+    ``(seed, i)``.
 
     Args:
         images: source images (see :func:`load_images`).
@@ -113,6 +115,10 @@ class SyntheticDistortionDataset(Dataset):
         levels: number of distortion levels above the pristine one.
         distortions: names from :data:`~acpo_lightning.quality.distortions.DISTORTIONS`.
         seed: seed of the noise distortion.
+
+    Raises:
+        ValueError: unknown distortions, or more levels than a distortion has distinct settings
+            at ``size`` (:func:`~acpo_lightning.quality.distortions.check_ladder`).
 
     Example:
         >>> data = SyntheticDistortionDataset(torch.rand(2, 3, 16, 16), size=16, levels=3)
@@ -135,6 +141,7 @@ class SyntheticDistortionDataset(Dataset):
                 f"need levels >= 1 and distortions from {sorted(DISTORTIONS)}; got levels={levels}, "
                 f"distortions={list(distortions)}."
             )
+        check_ladder(distortions, size, size, levels)
         self.sources = load_images(images, size)
         self.levels, self.distortions, self.seed = levels, tuple(distortions), seed
 
@@ -145,12 +152,9 @@ class SyntheticDistortionDataset(Dataset):
         source = self.sources[index // len(self.distortions)]
         kind = self.distortions[index % len(self.distortions)]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        ladder = [
-            distort(source, kind, level / self.levels, generator)
-            for level in range(self.levels + 1)
-        ]
+        ladder = severity_ladder(source, kind, self.levels, generator)
         target = 1.0 - torch.arange(self.levels + 1, dtype=torch.float32) / self.levels
-        return {"images": torch.stack(ladder), "target": target}
+        return {"images": ladder, "target": target}
 
 
 class MOSManifestDataset(Dataset):
@@ -250,6 +254,24 @@ def split_indices(count: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def split_rows_by_image(
+    names: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Train and validation row indices with every row of one image name in the same split.
+
+    The distinct names (in order of first appearance) are split as :func:`split_indices` splits
+    items, so a manifest with one row per image splits exactly as before.
+
+    Raises:
+        ValueError: ``val_fraction`` outside ``(0, 1)`` or fewer than 2 distinct images.
+    """
+    images = list(dict.fromkeys(names))
+    _, val = split_indices(len(images), val_fraction, seed)
+    held_out = {images[i] for i in val}
+    rows = range(len(names))
+    return [r for r in rows if names[r] not in held_out], [r for r in rows if names[r] in held_out]
+
+
 class IQADataModule(pl.LightningDataModule):
     """Train and held-out loaders for :class:`~acpo_lightning.quality.training.IQATrainingModule`.
 
@@ -308,9 +330,15 @@ class IQADataModule(pl.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
     ) -> IQADataModule:
-        """MOS-labelled data from a CSV manifest, split by row; both splits share one MOS range."""
+        """MOS-labelled data from a CSV manifest, split by source image (every row of an image
+        that the manifest lists more than once lands in the same split); both splits share one
+        MOS range.
+
+        Raises:
+            ValueError: as :class:`MOSManifestDataset`, or fewer than two distinct images.
+        """
         full = MOSManifestDataset(manifest, image_dir, size, image_column, score_column, mos_range)
-        train, val = split_indices(len(full), val_fraction, seed)
+        train, val = split_rows_by_image(full.names, val_fraction, seed)
         make = lambda rows: MOSManifestDataset(  # noqa: E731
             manifest, image_dir, size, image_column, score_column, full.mos_range, rows
         )

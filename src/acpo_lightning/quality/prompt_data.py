@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from acpo_lightning.quality.distortions import DISTORTIONS, distort
+from acpo_lightning.quality.distortions import (
+    DISTORTIONS,
+    check_ladder,
+    quantize,
+    severity_ladder,
+)
 
 
 class PromptPairDataset(Dataset):
@@ -29,7 +34,8 @@ class PromptPairDataset(Dataset):
     - the real image with captions of ``mismatches`` other classes: target ``mismatch_target``;
     - optionally one generated sample with the caption it was made from: ``generated_target``.
 
-    Everything is deterministic in ``(seed, i)``. Items: ``images [K, 3, S, S]``, ``target [K]``,
+    Every image is on the 8-bit grid (the ladder's and the generated sample alike), so that being
+    off the grid never tells a row's kind. Everything is deterministic in ``(seed, i)``. Items: ``images [K, 3, S, S]``, ``target [K]``,
     ``prompts`` (``K`` strings) and ``mismatched [K]`` (``True`` on the mismatched rows).
 
     Args:
@@ -47,7 +53,9 @@ class PromptPairDataset(Dataset):
         seed: seed of every random choice.
 
     Raises:
-        ValueError: inconsistent lengths, fewer than two classes, or bad targets.
+        ValueError: inconsistent lengths, fewer than two classes, bad targets, or more levels than
+            a distortion has distinct settings at this size
+            (:func:`~acpo_lightning.quality.distortions.check_ladder`).
 
     Example:
         >>> data = PromptPairDataset(
@@ -97,6 +105,7 @@ class PromptPairDataset(Dataset):
             raise ValueError(
                 "pass generated samples together with one prompt each (generated_prompts)."
             )
+        check_ladder(distortions, images.shape[-2], images.shape[-1], levels)
         self.images, self.labels, self.captions_fn = images, labels, captions_fn
         self.levels, self.drop, self.mismatches = levels, distortion_drop, mismatches
         self.mismatch_target, self.generated_target = mismatch_target, generated_target
@@ -112,7 +121,7 @@ class PromptPairDataset(Dataset):
         real, label = self.images[index], int(self.labels[index])
         matched = self.captions_fn(label, gen)
         kind = self.distortions[int(torch.randint(len(self.distortions), (1,), generator=gen))]
-        images = [distort(real, kind, level / self.levels, gen) for level in range(self.levels + 1)]
+        images = list(severity_ladder(real, kind, self.levels, gen))
         targets = [1.0 - self.drop * level / self.levels for level in range(self.levels + 1)]
         prompts = [matched] * (self.levels + 1)
         others = [c for c in self.classes if c != label]
@@ -123,7 +132,7 @@ class PromptPairDataset(Dataset):
             prompts.append(self.captions_fn(others[pick], gen))
         if self.generated is not None:
             pick = int(torch.randint(len(self.generated), (1,), generator=gen))
-            images.append(self.generated[pick])
+            images.append(quantize(self.generated[pick]))  # on the 8-bit grid, as every row
             targets.append(self.generated_target)
             prompts.append(self.generated_prompts[pick])
         mismatched = torch.zeros(len(images), dtype=torch.bool)
