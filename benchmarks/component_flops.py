@@ -35,15 +35,14 @@ from pathlib import Path
 
 import torch
 from backbones import BACKBONES
-from step_cost import cpu_name, iqa_sized_head
-from torch.utils.flop_counter import FlopCounterMode
+from step_cost import cpu_name, flop_counter, iqa_sized_head
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def count(fn) -> float:
     """GFLOP of ``fn()`` (forward, and backward if ``fn`` runs one)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:  # attention counted on any device
         fn()
     return counter.get_total_flops() / 1e9
 

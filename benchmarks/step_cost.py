@@ -1,10 +1,13 @@
 """Step cost of ACPO against plain LoRA fine-tuning and the peers' ways, side by side.
 
-Each variant runs in its own fresh process (so peak memory is its own) on the same seeded models and
-batch: wall time per optimizer step (median after warm-up) and peak memory (CUDA:
-``max_memory_allocated``; CPU: growth of the peak resident set over the process's state after the
-models were built). Results print as a table of ratios against plain LoRA and go to
-``outputs/bench/step_cost.json``.
+Each variant runs in its own fresh process on the same seeded models and batch: wall time per
+optimizer step (median after warm-up), the FLOPs of a step (``flop_counter``: torch's
+``FlopCounterMode``, with CPU attention counted) and peak memory: the bytes of the models' tensors
+plus the growth of the peak over the process's state after the models were built (CUDA:
+``max_memory_allocated``; CPU: the peak resident set, reset on Linux once the models are built),
+so the runtime's own memory (about 1 GiB of imported libraries on the CPU, the CUDA context)
+is left out on both. Results print as a table of ratios against plain LoRA (added when
+``--variants`` leaves it out) and go to ``outputs/bench/step_cost.json``.
 
     python benchmarks/step_cost.py               # SD-1.5 widths at 256 px (CPU, about 25 minutes)
     python benchmarks/step_cost.py --full        # SD-1.5 at 512 px (GPU), see gpu_check.sh
@@ -34,12 +37,16 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+#: the variant every "x plain" ratio divides by (both tables: ``VARIANTS`` and ``RAW_VARIANTS``)
+REFERENCE = "plain_lora"
 
 VARIANTS = {
     "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0),
@@ -246,17 +253,19 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    measure_steps(name, step, args, queue)
+    measure_steps(name, step, args, queue, models=(module,))
 
 
 def build_raw(args: argparse.Namespace):
     """The parts of a big backbone's step, built on ``args.device`` with random weights.
 
     Frozen weights in bf16 with ``--bf16`` (built in that dtype, so FLUX.1-dev never exists in
-    fp32 on the GPU); LoRA weights fp32; gradient checkpointing as ``--checkpointing`` says.
+    fp32 on the GPU); LoRA weights fp32; gradient checkpointing as ``--checkpointing`` says, each
+    part as ``ACPOModule.enable_gradient_checkpointing`` does it in training.
     """
     from backbones import BACKBONES
 
+    from acpo_lightning.codec import LatentCodec
     from acpo_lightning.models import add_lora
 
     spec = BACKBONES[args.backbone]
@@ -274,9 +283,11 @@ def build_raw(args: argparse.Namespace):
         torch.set_default_dtype(default_dtype)
     net = add_lora(net, rank=16, target_modules=spec.lora_targets).to(args.device)
     head = iqa_sized_head(args.head_size).to(args.device, dtype)
-    if args.checkpointing:
-        for part in (net, vae, tiny):
-            part.enable_gradient_checkpointing()
+    if args.checkpointing:  # as training does: the denoiser per block (the denoisers' own), the
+        # decoders one ResNet block at a time (LatentCodec's), the head whole (in raw_step)
+        net.enable_gradient_checkpointing()
+        latent_shape = (spec.latent_channels, args.latent, args.latent)
+        LatentCodec(vae, tiny, latent_shape).enable_gradient_checkpointing()
     net.train()
     return spec, net, {"vae": vae, "taesd": tiny}, head, inputs
 
@@ -289,6 +300,8 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
     anchor's forward (adapters off, no grad) and, for ``round(share x batch)`` samples, the
     decoder and the quality head on the x0 estimate, with gradient back into the policy.
     """
+    from torch.utils.checkpoint import checkpoint
+
     from acpo_lightning.models.lora import adapters_disabled
 
     torch.set_num_threads(args.threads)
@@ -299,6 +312,11 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
     target = torch.randn_like(noisy)
     scored = round(args.share * args.batch) if variant["decoder"] else 0
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+
+    def score(image: torch.Tensor) -> torch.Tensor:  # as PerceptualScorer: checkpointed head
+        if args.checkpointing:
+            return checkpoint(head, image, None, use_reentrant=False)
+        return head(image)
 
     def step() -> None:
         with autocast:
@@ -317,12 +335,13 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
                 image = (decoder.decode(x0.to(noisy.dtype)).sample / 2 + 0.5).clamp(0, 1)
                 if variant.get("crop"):
                     image = image[..., : args.crop, : args.crop]
-                loss = loss - 0.1 * head(image).float().mean()
+                loss = loss - 0.1 * score(image).float().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    measure_steps(name, step, args, queue, scored=scored)
+    models = (net, *decoders.values(), head)
+    measure_steps(name, step, args, queue, models=models, scored=scored)
 
 
 def timed_steps(step, cuda: bool, warmup: int, steps: int) -> list[float]:
@@ -338,9 +357,69 @@ def timed_steps(step, cuda: bool, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+#: torch's FlopCounterMode (2.14) has formulas for the CUDA attention kernels only: on the CPU,
+#: ``scaled_dot_product_attention`` runs ``_scaled_dot_product_flash_attention_for_cpu`` and
+#: counted 0 FLOPs, while on the meta device it decomposes into counted matmuls. torch's CUDA
+#: formulas fit the CPU kernel too (a flash kernel: two matmuls forward; five backward, as it
+#: recomputes the scores ``q @ k^T``), so a CPU count is what a GPU count of the step says; the
+#: forward equals the meta count and the backward exceeds it by that one recomputed matmul.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's ``FlopCounterMode`` (no table printed), counting attention on the CPU too."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
+def tensor_bytes(*modules: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each storage counted once."""
+    storages = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _resident_kib(field: str) -> int | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in KiB, from Linux's ``/proc``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_resident() -> bool:
+    """Reset this process's peak resident set to its current one (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _resident_kib("VmHWM") is not None
+
+
 class PeakMemory:
-    """This process's peak memory from now on: CUDA ``max_memory_allocated``, else the peak
-    resident set (``ru_maxrss``), and its growth over the state when this was made."""
+    """This process's peak memory from now on, and its growth over the state now.
+
+    CUDA: ``max_memory_allocated``, its statistics reset now. CPU: the peak resident set, reset
+    now on Linux (``/proc/self/clear_refs``), so that a higher peak left earlier (while the
+    models were built) cannot hide the step's; elsewhere ``ru_maxrss``, the peak since the
+    process began, and the growth over that.
+    """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
@@ -348,36 +427,51 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.total()
+            return
+        self.resettable = sys.platform == "linux" and _reset_peak_resident()
+        self.base = self.total() if not self.resettable else _resident_kib("VmRSS") * 1024
 
     def total(self) -> int:
+        """The peak: CUDA memory allocated by torch; CPU the whole process (imports included)."""
         if self.cuda:
             return torch.cuda.max_memory_allocated()
+        if self.resettable:
+            return _resident_kib("VmHWM") * 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def growth(self) -> int:
-        return self.total() - self.base
+        return max(0, self.total() - self.base)
 
 
-def measure_steps(name: str, step, args: argparse.Namespace, queue: mp.Queue, **extra) -> None:
-    """Time ``step()`` (median after warm-up), count one more step's FLOPs, report peak memory."""
+def measure_steps(
+    name: str, step, args: argparse.Namespace, queue: mp.Queue, models=(), **extra
+) -> None:
+    """Time ``step()`` (median after warm-up), count one more step's FLOPs, report peak memory.
+
+    ``peak_bytes``, the figure the ratios use, is the bytes of ``models`` (built before this is
+    called) plus the growth of the peak over the state now (``peak_step_bytes``): what the models
+    and the step occupy, without the runtime's own memory. ``peak_total_bytes`` keeps
+    ``PeakMemory.total`` (on the CPU, the whole process's peak).
+    """
     cuda = args.device.startswith("cuda")
+    model_bytes = tensor_bytes(*models)
     memory = PeakMemory(cuda)
     times = timed_steps(step, cuda, args.warmup, args.steps)
+    growth, total = memory.growth(), memory.total()
     # FLOPs of one more step: a count, not a timing, so it is the same on a busy machine
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
-    flops = counter.get_total_flops()
     queue.put(
         {
             **extra,
             "variant": name,
             "step_s": statistics.median(times),
             "step_times_s": times,
-            "peak_step_bytes": memory.growth(),
-            "peak_total_bytes": memory.total(),
-            "flops": flops,
+            "model_bytes": model_bytes,
+            "peak_step_bytes": growth,
+            "peak_bytes": model_bytes + growth,
+            "peak_total_bytes": total,
+            "flops": counter.get_total_flops(),
         }
     )
 
@@ -399,9 +493,23 @@ def merge_rounds(rows: list[dict]) -> dict:
     merged["step_times_s"] = [t for row in rows for t in row["step_times_s"]]
     merged["step_s"] = statistics.median(merged["step_times_s"])
     merged["round_medians_s"] = [row["step_s"] for row in rows]
-    for key in ("peak_step_bytes", "peak_total_bytes"):
+    for key in ("peak_step_bytes", "peak_bytes", "peak_total_bytes"):
         merged[key] = max(row[key] for row in rows)
     return merged
+
+
+def with_reference(variants: list[str]) -> list[str]:
+    """``variants`` with :data:`REFERENCE` (plain LoRA) first when they leave it out."""
+    return variants if REFERENCE in variants else [REFERENCE, *variants]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's time, FLOPs and peak memory over the plain-LoRA row's (in place)."""
+    base = next(row for row in rows if row["variant"] == REFERENCE)
+    for row in rows:
+        row["time_ratio"] = row["step_s"] / base["step_s"]
+        row["flops_ratio"] = row["flops"] / base["flops"]
+        row["memory_ratio"] = row["peak_bytes"] / base["peak_bytes"]
 
 
 def main() -> None:
@@ -468,6 +576,9 @@ def main() -> None:
     if args.full:
         args.scale, args.latent, args.head_size = 1.0, 128 if raw else 64, 224
     args.variants = args.variants or list(RAW_VARIANTS if raw else VARIANTS)
+    if REFERENCE not in args.variants:
+        print(f"{REFERENCE} added to --variants: every 'x plain' ratio is against it", flush=True)
+        args.variants = with_reference(args.variants)
     target = run_raw_variant if raw else run_variant
     if args.quick:
         args.scale, args.latent, args.head_size = 0.1, 16, 112
@@ -497,17 +608,15 @@ def main() -> None:
                 flush=True,
             )
     results = [merge_rounds(rows) for rows in runs.values()]
-    base = results[0]
+    add_ratios(results)
+    # peak MiB: the models' tensors plus the step's growth over them (measure_steps)
     header = ("variant", "step s", "x plain", "GFLOP", "x plain", "peak MiB", "x plain")
     print("{:34s} {:>8s} {:>8s} {:>9s} {:>8s} {:>9s} {:>8s}".format(*header))
     for row in results:
-        row["time_ratio"] = row["step_s"] / base["step_s"]
-        row["flops_ratio"] = row["flops"] / base["flops"]
-        row["memory_ratio"] = row["peak_total_bytes"] / base["peak_total_bytes"]
         print(
             f"{row['variant']:34s} {row['step_s']:8.3f} {row['time_ratio']:8.2f} "
             f"{row['flops'] / 1e9:9.1f} {row['flops_ratio']:8.2f} "
-            f"{row['peak_total_bytes'] / 2**20:9.0f} {row['memory_ratio']:8.2f}"
+            f"{row['peak_bytes'] / 2**20:9.0f} {row['memory_ratio']:8.2f}"
         )
     machine = (
         torch.cuda.get_device_name()

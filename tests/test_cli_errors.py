@@ -494,12 +494,35 @@ def test_acpo_export_refuses_a_bad_checkpoint_and_keeps_the_earlier_export(
     bad = bad_checkpoint(kind, checkpoints / "last.ckpt", checkpoints / "bad.ckpt", marker)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--ckpt", str(bad), "--out", str(out)])
+        main(["export", "--ckpt", str(bad), "--out", str(out), "--overwrite"])
     assert exit_info.value.code == 2
     message = one_error(capsys.readouterr().err)
     assert str(bad) in message and REASONS[kind] in message
     assert not marker.exists()
     assert snapshot(out) == exported
+
+
+def test_acpo_export_refuses_to_replace_an_earlier_export_without_overwrite(
+    run_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As ``cache-latents``: an export in ``--out`` is replaced only with ``--overwrite``."""
+    ckpt, out = run_copy / CHECKPOINTS / "last.ckpt", run_copy / "lora"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    written = out / "pytorch_lora_weights.safetensors"
+    inode = written.stat().st_ino  # an export writes a new file and renames it over the old one
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    assert exit_info.value.code == 2
+    message = one_error(capsys.readouterr().err)
+    assert str(written) in message and "--overwrite" in message
+    assert written.stat().st_ino == inode
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--format", "comfyui"])  # another file
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+    assert written.stat().st_ino != inode
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lora_comfyui.safetensors", "pytorch_lora_weights.safetensors"
+    ]  # fmt: skip
 
 
 def test_acpo_debug_shows_the_traceback(

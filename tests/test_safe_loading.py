@@ -119,6 +119,70 @@ def test_load_from_checkpoint_refuses_it(tmp_path: Path, marker: Path) -> None:
         ACPOModule.load_from_checkpoint(path)
 
 
+# ------------------------------------------------------------------ files that are no checkpoint
+def not_a_checkpoint(kind: str, folder: Path) -> Path:
+    """A file a user may pass as a checkpoint by mistake: text, a config, an image, a data file,
+    or a LoRA export (torch >= 2.5 reads a ``.safetensors`` file as a dict of tensors)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    path = folder / {"text": "bad.ckpt", "yaml": "config.yaml", "png": "image.png",
+                     "jsonl": "data.jsonl", "safetensors": "lora.safetensors"}[kind]  # fmt: skip
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "yaml":
+        path.write_text((CONFIGS / "tiny.yaml").read_text())
+    elif kind == "png":
+        Image.new("RGB", (8, 8)).save(path)
+    elif kind == "jsonl":
+        path.write_text('{"image": "a.png", "prompt": "a cat"}\n')
+    else:
+        save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(path))
+    return path
+
+
+NOT_CHECKPOINTS = ("text", "yaml", "png", "jsonl", "safetensors")
+NOT_A_CHECKPOINT = "is not a PyTorch checkpoint"
+
+
+@pytest.mark.parametrize("kind", NOT_CHECKPOINTS)
+def test_a_file_that_is_no_checkpoint_is_named_so(kind: str, tmp_path: Path) -> None:
+    """Not "pickled Python objects" (advice to re-save it), not a raw ``KeyError: 101``."""
+    path = not_a_checkpoint(kind, tmp_path)
+    with pytest.raises(UnsafeCheckpointError) as error_info:
+        SafeCheckpointIO().load_checkpoint(path)
+    message = str(error_info.value)
+    assert message.startswith(f"{path} {NOT_A_CHECKPOINT}") and "Fix:" in message
+    assert "pickled" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", NOT_CHECKPOINTS)
+@pytest.mark.parametrize("command", ["fit", "export"])
+def test_the_cli_says_a_file_is_no_checkpoint_in_one_line(
+    command: str, kind: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``fit --ckpt_path`` and ``export --ckpt`` read the file with the same loader; the text case
+    is the README's example ("What errors look like")."""
+    path = not_a_checkpoint(kind, tmp_path).name
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ACPO_DEBUG", raising=False)
+    if command == "fit":
+        args = ["fit", *TINY, "--ckpt_path", path]
+    else:
+        args = ["export", "--ckpt", path, "--out", "my_lora"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("acpo: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"acpo: error: {path} {NOT_A_CHECKPOINT}")
+    if kind == "text":  # the same line for both commands, shown under the export command
+        readme = (REPO / "README.md").read_text()
+        command_line = "$ echo hello > bad.ckpt; acpo export --ckpt bad.ckpt --out my_lora"
+        assert f"{command_line}    # fit --ckpt_path: the same line\n{errors[0]}\n" in readme
+
+
 # ------------------------------------------------------------------ LoRA adapters
 @pytest.mark.parametrize("name", ["pytorch_lora_weights.bin", "pytorch_lora_weights.safetensors"])
 def test_load_lora_reads_safetensors_only(name: str, tmp_path: Path, marker: Path) -> None:

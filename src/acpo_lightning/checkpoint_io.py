@@ -31,6 +31,54 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint holds pickled Python objects that a ``weights_only`` load refuses."""
 
 
+class NotACheckpointError(UnsafeCheckpointError):
+    """A file that is not a PyTorch checkpoint at all (text, an image, a safetensors file, ...).
+
+    A subclass of :class:`UnsafeCheckpointError`, so that every caller that refuses a bad
+    checkpoint refuses this one too.
+    """
+
+
+#: how ``torch.save`` files begin: a zip archive (since torch 1.6, what Lightning writes) or a
+#: pickle of protocol 2 or later (torch's legacy format)
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def check_is_checkpoint(path: str | Path) -> None:
+    """Refuse a file that does not begin as ``torch.save`` files do, before anything parses it.
+
+    Without this check, torch's unpickler reads text as opcodes (``hello`` ends in ``KeyError:
+    101``), a YAML, PNG or JSONL file is refused as "pickled Python objects", and torch >= 2.5
+    loads a ``.safetensors`` file as if it were a checkpoint.
+
+    Raises:
+        NotACheckpointError: naming the file, what it looks like and the fix.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if any(head.startswith(magic) or magic.startswith(head) for magic in _CHECKPOINT_MAGIC):
+        return  # a checkpoint, or one cut within its first bytes: torch's reader says which
+    raise NotACheckpointError(
+        f"{path} is not a PyTorch checkpoint: it is {_looks_like(head)}. A checkpoint is the "
+        ".ckpt file that `acpo fit` writes (a zip archive written by torch.save). Fix: pass one, "
+        "e.g. outputs/acpo/checkpoints/last.ckpt."
+    )
+
+
+def _looks_like(head: bytes) -> str:
+    """What the first bytes of a file say it is, in a few words."""
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "an image"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "a safetensors file (a LoRA export or model weights, not a training checkpoint)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of another format"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"text beginning {first[:40]!r}" if first else "blank text"
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic, fsynced checkpoint writes and ``weights_only`` loads for local paths.
 
@@ -77,6 +125,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path} (check --ckpt_path)")
+        check_is_checkpoint(path)
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
@@ -87,10 +136,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 "plain containers only); if you trust this file, re-save its tensors without the "
                 "Python objects in an environment you trust."
             ) from error
-        except (RuntimeError, EOFError, OSError) as error:  # torch's zip reader, file cut short
+        # torch's zip reader, a file cut short; the unpickler reading garbage as opcodes (KeyError)
+        except (RuntimeError, EOFError, OSError, KeyError) as error:
             if isinstance(error, OSError) and error.errno != errno.EINVAL:
                 raise  # e.g. permission denied: not the file's content
             first = str(error).strip().split(". ")[0] or type(error).__name__
+            first = f"KeyError: {first}" if isinstance(error, KeyError) else first
             raise UnsafeCheckpointError(
                 f"{path} is truncated or not a PyTorch checkpoint ({first}). Fix: resume from an "
                 "earlier checkpoint (ModelCheckpoint keeps top-k beside last.ckpt)."

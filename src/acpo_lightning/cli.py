@@ -38,8 +38,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from acpo_lightning import cache_latents, export
 from acpo_lightning.checkpoint_io import (
     CheckpointWriteError,
+    NotACheckpointError,
     SafeCheckpointIO,
     UnsafeCheckpointError,
+    check_is_checkpoint,
     refusal_reason,
 )
 from acpo_lightning.config_errors import ConfigError, explain
@@ -244,10 +246,22 @@ class ACPOCLI(LightningCLI):
         """Lightning reads ``--ckpt_path``'s hyper-parameters (``weights_only``) before anything else."""
         if self._runs_a_tool():
             return
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if path and Path(path).is_file():  # not `last`/`best`: a text or image file, refused
+            try:  # before torch's unpickler reads its bytes as opcodes
+                check_is_checkpoint(path)
+            except NotACheckpointError as error:
+                fail(error)
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-            path = self.config[self.config.subcommand].get("ckpt_path")
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            ValueError,
+            OSError,
+            KeyError,
+        ) as error:
             try:  # the same load, explained: which file, why it is refused, what to do
                 SafeCheckpointIO().load_checkpoint(path, map_location="cpu")
             except (UnsafeCheckpointError, FileNotFoundError) as explained:
@@ -300,7 +314,7 @@ class ACPOCLI(LightningCLI):
         """Run ``export`` or ``cache-latents``; an input error ends in one line (exit 2)."""
         try:
             if subcommand == "export":
-                export.export_command(args.ckpt, args.out, args.config, args.format)
+                export.export_command(args.ckpt, args.out, args.config, args.format, args.overwrite)
             else:
                 cache_latents.cache_latents_command(
                     args, args.out, args.batch_size, args.device, args.shard_size, args.overwrite

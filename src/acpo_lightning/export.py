@@ -29,7 +29,7 @@ from acpo_lightning.comfyui import (
     comfyui_metadata,
     guess_base_model,
 )
-from acpo_lightning.models.lora import add_lora, to_file_layout, write_lora_file
+from acpo_lightning.models.lora import LORA_WEIGHT_NAME, add_lora, to_file_layout, write_lora_file
 
 if TYPE_CHECKING:
     from argparse import ArgumentParser
@@ -142,6 +142,7 @@ def export_checkpoint(
     out: str | Path,
     configs: Sequence[str | Path] = (),
     lora_format: str = "diffusers",
+    overwrite: bool = False,
 ) -> Path:
     """Write the checkpoint's LoRA to ``out``: diffusers' or ComfyUI's file.
 
@@ -152,12 +153,14 @@ def export_checkpoint(
         lora_format: ``diffusers`` (``pytorch_lora_weights.safetensors``, read by
             ``load_lora_weights``) or ``comfyui`` (``lora_comfyui.safetensors`` in the kohya
             layout of :mod:`acpo_lightning.comfyui`, read by ComfyUI's LoRA loader).
+        overwrite: replace that file when ``out`` already holds one (``acpo export --overwrite``).
 
     Returns:
         The written file.
 
     Raises:
         FileNotFoundError: no checkpoint, or no config found and none given.
+        FileExistsError: ``out`` already holds this format's file and ``overwrite`` is not set.
         UnsafeCheckpointError: the checkpoint is truncated or holds pickled Python objects.
         ValueError: an unknown ``lora_format``, no LoRA in the checkpoint, a rank that disagrees
             with the config, or (``comfyui``) a module ComfyUI does not map.
@@ -166,6 +169,7 @@ def export_checkpoint(
         raise ValueError(
             f"unknown export format {lora_format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
         )
+    _check_out(Path(out), lora_format, overwrite)
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise FileNotFoundError(
@@ -209,6 +213,16 @@ def export_checkpoint(
         init_lora_weights=settings.get("init_lora_weights", True),
     )
     return write_lora_file(to_file_layout(weights, network), out, config, network)
+
+
+def _check_out(out: Path, lora_format: str, overwrite: bool) -> None:
+    """Refuse to replace an earlier export silently (as ``acpo cache-latents`` does)."""
+    path = out / (COMFYUI_WEIGHT_NAME if lora_format == "comfyui" else LORA_WEIGHT_NAME)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already holds an exported LoRA. Fix: pass --overwrite to replace it, or "
+            "choose another --out."
+        )
 
 
 def write_comfyui_file(
@@ -280,12 +294,19 @@ def add_export_arguments(parser: ArgumentParser) -> None:
         "pytorch_lora_weights.safetensors for load_lora_weights; comfyui writes "
         f"{COMFYUI_WEIGHT_NAME} (kohya keys) for ComfyUI's LoRA loader",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an export of this format in --out"
+    )
 
 
 def export_command(
-    ckpt: str, out: str, configs: Sequence[str] = (), lora_format: str = "diffusers"
+    ckpt: str,
+    out: str,
+    configs: Sequence[str] = (),
+    lora_format: str = "diffusers",
+    overwrite: bool = False,
 ) -> Path:
     """``acpo export``: :func:`export_checkpoint`, then print the written file."""
-    path = export_checkpoint(ckpt, out, configs, lora_format)
+    path = export_checkpoint(ckpt, out, configs, lora_format, overwrite)
     print(f"wrote {path}")
     return path
