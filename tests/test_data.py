@@ -300,14 +300,14 @@ def test_odd_image_modes_and_exif_end_to_end(tmp_path):
     manifest = write_jsonl(
         tmp_path / "m.jsonl", [{"image": name, "text": name} for name, _ in expected]
     )
-    module = make_module(manifest, normalize="zero_one", center_crop=True, batch_size=len(expected))
+    module = make_module(manifest, center_crop=True, batch_size=len(expected))
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     for prompt, pixels in zip(batch["prompts"], batch["pixel_values"], strict=True):
         colour = dict(expected)[prompt]
-        top = pixels[:, 2, SIZE // 2]
+        top = (pixels[:, 2, SIZE // 2] + 1) / 2  # [-1, 1] back to the colours' [0, 1]
         assert torch.allclose(top, torch.tensor(colour, dtype=torch.float32), atol=0.02), prompt
-    exif_pixels = batch["pixel_values"][batch["prompts"].index("img/exif6.png")]
+    exif_pixels = (batch["pixel_values"][batch["prompts"].index("img/exif6.png")] + 1) / 2
     assert exif_pixels[0, -2, SIZE // 2] < 0.1  # the bottom is black: rotated, not flipped or kept
 
 
@@ -315,7 +315,7 @@ def test_split_is_deterministic_in_the_seed_and_disjoint(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", write_good(tmp_path, 20))
 
     def split(seed):
-        module = make_module(manifest, val_fraction=0.25, seed=seed)
+        module = make_module(manifest, val_fraction=0.25, data_seed=seed)
         module.setup("fit")
         return module.train_dataset.indices, module.val_dataset.indices
 
@@ -432,7 +432,7 @@ def test_shuffle_is_seeded_and_a_distributed_sampler_shards_it(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", write_good(tmp_path, 8))
     orders = []
     for _ in range(2):
-        module = make_module(manifest, seed=5)
+        module = make_module(manifest, data_seed=5)
         module.setup("fit")
         orders.append([p for batch in module.train_dataloader() for p in batch["prompts"]])
     assert orders[0] == orders[1]
