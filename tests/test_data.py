@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from acpo_lightning.data import BadSampleError, PromptImageDataModule
+from acpo_lightning.data.collate import SeededShuffle
 from acpo_lightning.testing import TINY_MAX_LENGTH, tiny_tokenizer
 
 SIZE = 16  # training resolution of these tests
@@ -426,9 +427,7 @@ def test_worker_processes_and_an_error_raised_inside_one(tmp_path):
         list(module.train_dataloader())
 
 
-def test_shuffle_is_seeded_and_a_distributed_sampler_shards_it(tmp_path):
-    from lightning.pytorch.utilities.data import _update_dataloader
-
+def test_shuffle_is_seeded_and_shared_out_over_the_ranks(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", write_good(tmp_path, 8))
     orders = []
     for _ in range(2):
@@ -436,17 +435,16 @@ def test_shuffle_is_seeded_and_a_distributed_sampler_shards_it(tmp_path):
         module.setup("fit")
         orders.append([p for batch in module.train_dataloader() for p in batch["prompts"]])
     assert orders[0] == orders[1]
-    # What Lightning does under DDP: swap in a DistributedSampler; ranks get disjoint halves.
+    # Under DDP the DataModule's sampler takes the Trainer's ranks (tests/test_ddp.py runs it
+    # through Lightning); here the ranks are given: disjoint halves of the same permutation.
     loader = module.train_dataloader()
     shards = []
     for rank in range(2):
-        sampler = DistributedSampler(
-            loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0
-        )
-        shards.append(
-            {p for batch in _update_dataloader(loader, sampler) for p in batch["prompts"]}
-        )
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 8
+        sampler = SeededShuffle(loader.dataset, seed=5, num_replicas=2, rank=rank)
+        assert isinstance(sampler, DistributedSampler)  # so Lightning keeps it
+        shards.append([loader.dataset[i]["prompt"] for i in sampler])
+    assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 8
+    assert [p for pair in zip(*shards, strict=True) for p in pair] == orders[0]
 
 
 def test_lightning_cli_parses_the_module_with_a_tokenizer_class_path(tmp_path, monkeypatch):
