@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from acpo_lightning.data import BadSampleError, PromptImageDataModule
-from acpo_lightning.data.collate import SeededShuffle
+from acpo_lightning.data.shuffle import SeededShuffle
 from acpo_lightning.testing import TINY_MAX_LENGTH, tiny_tokenizer
 
 SIZE = 16  # training resolution of these tests

@@ -66,7 +66,7 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
     ``val_fraction`` of the source (centre crop, no flip), else none (an empty list, which
     Lightning skips). ``predict``: prompt-only batches of ``val_prompts_path``, else of all
     usable rows. Under DDP the training shuffle is shared out over the ranks by ``data_seed``
-    (:class:`~acpo_lightning.data.collate.SeededShuffle`); Lightning shards the others.
+    (:class:`~acpo_lightning.data.shuffle.SeededShuffle`); Lightning shards the others.
 
     Args:
         source: ``imagefolder``, ``manifest``, ``hf`` or ``prompts``.
