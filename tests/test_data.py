@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from acpo_lightning.data import BadSampleError, PromptImageDataModule
+from acpo_lightning.data.shuffle import SeededShuffle
 from acpo_lightning.testing import TINY_MAX_LENGTH, tiny_tokenizer
 
 SIZE = 16  # training resolution of these tests
@@ -300,14 +301,14 @@ def test_odd_image_modes_and_exif_end_to_end(tmp_path):
     manifest = write_jsonl(
         tmp_path / "m.jsonl", [{"image": name, "text": name} for name, _ in expected]
     )
-    module = make_module(manifest, normalize="zero_one", center_crop=True, batch_size=len(expected))
+    module = make_module(manifest, center_crop=True, batch_size=len(expected))
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     for prompt, pixels in zip(batch["prompts"], batch["pixel_values"], strict=True):
         colour = dict(expected)[prompt]
-        top = pixels[:, 2, SIZE // 2]
+        top = (pixels[:, 2, SIZE // 2] + 1) / 2  # [-1, 1] back to the colours' [0, 1]
         assert torch.allclose(top, torch.tensor(colour, dtype=torch.float32), atol=0.02), prompt
-    exif_pixels = batch["pixel_values"][batch["prompts"].index("img/exif6.png")]
+    exif_pixels = (batch["pixel_values"][batch["prompts"].index("img/exif6.png")] + 1) / 2
     assert exif_pixels[0, -2, SIZE // 2] < 0.1  # the bottom is black: rotated, not flipped or kept
 
 
@@ -315,7 +316,7 @@ def test_split_is_deterministic_in_the_seed_and_disjoint(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", write_good(tmp_path, 20))
 
     def split(seed):
-        module = make_module(manifest, val_fraction=0.25, seed=seed)
+        module = make_module(manifest, val_fraction=0.25, data_seed=seed)
         module.setup("fit")
         return module.train_dataset.indices, module.val_dataset.indices
 
@@ -426,27 +427,24 @@ def test_worker_processes_and_an_error_raised_inside_one(tmp_path):
         list(module.train_dataloader())
 
 
-def test_shuffle_is_seeded_and_a_distributed_sampler_shards_it(tmp_path):
-    from lightning.pytorch.utilities.data import _update_dataloader
-
+def test_shuffle_is_seeded_and_shared_out_over_the_ranks(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", write_good(tmp_path, 8))
     orders = []
     for _ in range(2):
-        module = make_module(manifest, seed=5)
+        module = make_module(manifest, data_seed=5)
         module.setup("fit")
         orders.append([p for batch in module.train_dataloader() for p in batch["prompts"]])
     assert orders[0] == orders[1]
-    # What Lightning does under DDP: swap in a DistributedSampler; ranks get disjoint halves.
+    # Under DDP the DataModule's sampler takes the Trainer's ranks (tests/test_ddp.py runs it
+    # through Lightning); here the ranks are given: disjoint halves of the same permutation.
     loader = module.train_dataloader()
     shards = []
     for rank in range(2):
-        sampler = DistributedSampler(
-            loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0
-        )
-        shards.append(
-            {p for batch in _update_dataloader(loader, sampler) for p in batch["prompts"]}
-        )
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 8
+        sampler = SeededShuffle(loader.dataset, seed=5, num_replicas=2, rank=rank)
+        assert isinstance(sampler, DistributedSampler)  # so Lightning keeps it
+        shards.append([loader.dataset[i]["prompt"] for i in sampler])
+    assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 8
+    assert [p for pair in zip(*shards, strict=True) for p in pair] == orders[0]
 
 
 def test_lightning_cli_parses_the_module_with_a_tokenizer_class_path(tmp_path, monkeypatch):

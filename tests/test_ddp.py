@@ -32,9 +32,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
-from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.data import _update_dataloader
 from safetensors.torch import load_file
 
 from acpo_lightning import ACPOModule
@@ -334,7 +332,7 @@ def test_each_rank_keeps_the_resumable_loader_and_gets_a_disjoint_half_of_every_
     everything = {ShapesDataModule(train_size=8).train_set[i]["prompt"] for i in range(8)}
     for record in ddp_run.ranks:
         assert record["world_size"] == WORLD and record["loader"] == ResumableDataLoader.__name__
-        assert record["sampler"] == "DistributedSampler"  # resumable: see the resume test below
+        assert record["sampler"] == "SeededShuffle"  # the data seed's, resumable: see below
     for epoch in range(STEPS // STEPS_PER_EPOCH):
         halves = [
             [p for b in record["train"] if b["epoch"] == epoch for p in b["prompts"]]
@@ -399,15 +397,28 @@ def test_checkpoints_exports_and_logs_are_written_once_and_nothing_hangs(ddp_run
 
 
 # ---------------------------------------------------------------- the loader under DDP, in-process
-def _rank_loader(rank: int | None) -> ResumableDataLoader:
-    """What Lightning makes of ShapesDataModule's training loader on ``rank`` of 2 (``None``: 1 process)."""
-    loader = ShapesDataModule(train_size=8, batch_size=BATCH, image_size=8).train_dataloader()
-    if rank is None:
-        return loader
-    sampler = _get_distributed_sampler(
-        loader, shuffle=True, overfit_batches=0, num_replicas=WORLD, rank=rank, seed=0
+def _rank_loader(
+    rank: int | None, data_seed: int = 0, train_size: int = 8, num_workers: int = 0
+) -> ResumableDataLoader:
+    """What Lightning makes of ShapesDataModule's training loader on ``rank`` of 2 (``None``: 1
+    process): the DataModule attached to a 2-process DDP Trainer, the loader prepared by the
+    Trainer's own data connector (which swaps in its DistributedSampler where it sees fit)."""
+    data = ShapesDataModule(
+        train_size=train_size,
+        batch_size=BATCH,
+        image_size=8,
+        data_seed=data_seed,
+        num_workers=num_workers,
     )
-    return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    if rank is None:
+        return data.train_dataloader()
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", logger=False)
+    trainer.strategy.cluster_environment.set_global_rank(rank)
+    data.trainer = trainer
+    connector = trainer._data_connector
+    return connector._prepare_dataloader(
+        data.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING
+    )
 
 
 def _epochs(loader: ResumableDataLoader, count: int) -> list[list[list[str]]]:
@@ -424,23 +435,109 @@ def test_the_loader_lightning_builds_for_a_rank_keeps_its_class_and_shards_every
     for epoch in range(2):
         seen = [[p for batch in half[epoch] for p in batch] for half in halves]
         assert len(seen[0]) == len(seen[1]) == 4 and len(set(seen[0]) | set(seen[1])) == 8
+    assert halves[0][0] != halves[0][1]  # a new permutation each epoch
 
 
+def test_under_ddp_the_data_seed_orders_each_rank_and_lightnings_seed_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    firsts = {seed: _epochs(_rank_loader(0, data_seed=seed), 1)[0] for seed in (0, 1, 12345)}
+    assert len({str(order) for order in firsts.values()}) == 3, firsts
+    monkeypatch.setenv("PL_GLOBAL_SEED", "777")  # what seed_everything drew for this launch
+    assert _epochs(_rank_loader(0, data_seed=1), 1)[0] == firsts[1]
+
+
+def test_one_process_keeps_the_order_of_successive_seeded_permutations() -> None:
+    """The single-process order is what it was with torchdata's RandomSampler: epoch e is the
+    e-th ``randperm`` of a generator seeded with the data seed."""
+    dataset = ShapesDataModule(train_size=8, image_size=8, data_seed=3).train_set
+    generator = torch.Generator().manual_seed(3)
+    for epoch, order in enumerate(_epochs(_rank_loader(None, data_seed=3), 3)):
+        expected = [dataset[i]["prompt"] for i in torch.randperm(8, generator=generator).tolist()]
+        assert [p for batch in order for p in batch] == expected, epoch
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
 @pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_a_loader_resumed_mid_epoch_yields_the_rest_of_that_epoch(
-    epoch: int, rank: int | None
+    epoch: int, rank: int | None, num_workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uninterrupted = _epochs(_rank_loader(rank), epoch + 1)[epoch]
-    loader = _rank_loader(rank)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    uninterrupted = _epochs(_rank_loader(rank, num_workers=num_workers), epoch + 1)[epoch]
+    loader = _rank_loader(rank, num_workers=num_workers)
     _epochs(loader, epoch)
     _set_sampler_epoch(loader, epoch)
-    next(iter(loader))
+    iterator = iter(loader)
+    next(iterator)
     state = loader.state_dict()
-    resumed = _rank_loader(rank)
+    del iterator
+    # the resumed launch drew another global seed (LightningCLI's default seed_everything: true)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    resumed = _rank_loader(rank, num_workers=num_workers)
     resumed.load_state_dict(state)  # what Lightning does with the loader state of a checkpoint
     _set_sampler_epoch(resumed, epoch)
     assert [batch["prompts"] for batch in resumed] == uninterrupted[1:]
+
+
+# ---------------------------------------------------------------- a 2-process resume mid-epoch
+RESUME_ITEMS = 12  # 2 ranks x batch 2: 3 steps per epoch
+
+
+def _resume_launch(root: Path, probe: str, global_seed: int, steps: int, *extra: str) -> None:
+    run = {
+        "trainer": {
+            "max_steps": steps,
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": "outputs/tiny/checkpoints",
+                        "every_n_train_steps": 1,
+                        "save_top_k": -1,
+                    },
+                },
+                {"class_path": "test_ddp.BatchRecorder", "init_args": {"directory": probe}},
+            ],
+        },
+        "data": {
+            "init_args": {
+                "train_size": RESUME_ITEMS,
+                "val_size": 2,
+                "batch_size": BATCH,
+                "num_workers": 1,
+                "data_seed": 5,
+            }
+        },
+    }
+    run_file = root / f"{probe}.yaml"
+    run_file.write_text(yaml.safe_dump(run))
+    configs = [CONFIGS / "acpo.yaml", CONFIGS / "tiny.yaml", CONFIGS / "ddp.yaml", run_file]
+    command = [str(Path(sys.executable).parent / "acpo"), "fit", *_configs(*configs)]
+    command += ["--trainer.accelerator", "cpu", "--trainer.devices", str(WORLD)]
+    command += ["--seed_everything", str(global_seed), *extra]
+    _run_to_completion(command, root, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumed_mid_epoch_trains_every_item_exactly_once(tmp_path) -> None:
+    """Step 1 of 3 in one launch, steps 2 and 3 in another that resumes from its checkpoint with
+    another global seed (LightningCLI's default draws one per launch): over both ranks and both
+    launches the epoch holds each of the 12 items once."""
+    _resume_launch(tmp_path, "first", 1, 1)
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "epoch=0-step=1.ckpt"
+    _resume_launch(tmp_path, "resumed", 2, 3, "--ckpt_path", str(checkpoint))
+    seen = []
+    for probe in ("first", "resumed"):
+        for rank in range(WORLD):
+            record = json.loads((tmp_path / probe / f"rank-{rank}.json").read_text())
+            assert record["sampler"] == "SeededShuffle"
+            seen += [p for b in record["train"] if b["epoch"] == 0 for p in b["prompts"]]
+    items = ShapesDataModule(train_size=RESUME_ITEMS).train_set
+    assert sorted(seen) == sorted(items[i]["prompt"] for i in range(RESUME_ITEMS))
 
 
 # ---------------------------------------------------------------- the strategy overlays

@@ -58,7 +58,7 @@ def test_study_overlay_sets_the_training_seed_everywhere_and_keeps_outputs_in_th
 ) -> None:
     tree = study.study_overlay({"model.w_anchor": 0.0}, 2, tmp_path, max_steps=5, batch_size=4)
     assert tree["seed_everything"] == 2 and tree["model"]["seed"] == 2
-    assert tree["data"]["init_args"] == {"seed": 2, "batch_size": 4}
+    assert tree["data"]["init_args"] == {"data_seed": 2, "batch_size": 4}
     assert tree["model"]["w_anchor"] == 0.0 and tree["trainer"]["max_steps"] == 5
     assert tree["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path)
     assert yaml.safe_load(yaml.safe_dump(tree)) == tree

@@ -142,14 +142,14 @@ def test_random_flip_caches_both_orientations_and_draws_both(tmp_path):
 
 def test_cached_batches_resume_from_the_loader_state(tmp_path):
     out = make_cache(tmp_path, shard_size=2)
-    loader = CachedLatentsDataModule(str(out), batch_size=1, seed=3)
+    loader = CachedLatentsDataModule(str(out), batch_size=1, data_seed=3)
     loader.setup("fit")
     first = loader.train_dataloader()
     iterator = iter(first)
     next(iterator)
     state = first.state_dict()
     rest = [batch["prompts"] for batch in iterator]
-    resumed = CachedLatentsDataModule(str(out), batch_size=1, seed=3)
+    resumed = CachedLatentsDataModule(str(out), batch_size=1, data_seed=3)
     resumed.setup("fit")
     loader = resumed.train_dataloader()
     loader.load_state_dict(state)

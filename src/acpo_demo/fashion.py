@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import SeededLoaders, collate_prompt_images
+from acpo_lightning.data.collate import (
+    SeededLoaders,
+    collate_prompt_images,
+    record_data_seed,
+    resolve_data_seed,
+)
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -210,8 +215,9 @@ class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
         train_size: use the first ``train_size`` training images (``None``: all 60k).
         val_size: validation images from the test split, captioned with the validation wordings
             (the held-out wordings stay for the final evaluation).
-        seed: seed of the caption choice and the shuffling.
+        data_seed: seed of the caption choice and the shuffling.
         num_workers: DataLoader worker processes.
+        seed: deprecated name of ``data_seed``.
 
     Example:
         >>> dm = FashionMNISTDataModule(batch_size=4, train_size=8)
@@ -227,11 +233,14 @@ class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
         batch_size: int = 32,
         train_size: int | None = None,
         val_size: int = 64,
-        seed: int = 0,
+        data_seed: int = 0,
         num_workers: int = 0,
+        seed: int | None = None,
     ) -> None:
+        data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["seed"])
+        record_data_seed(self, data_seed)
         find_fashion_mnist(root)  # fail at construction, before any model loads
         self.train_set: FashionCaptionDataset | None = None
         self.val_set: FashionCaptionDataset | None = None
@@ -242,10 +251,10 @@ class FashionMNISTDataModule(SeededLoaders, pl.LightningDataModule):
             images, labels = load_fashion_mnist("train", hp.root)
             if hp.train_size is not None:
                 images, labels = images[: hp.train_size], labels[: hp.train_size]
-            self.train_set = FashionCaptionDataset(images, labels, "train", hp.seed)
+            self.train_set = FashionCaptionDataset(images, labels, "train", hp.data_seed)
             images, labels = load_fashion_mnist("test", hp.root)
             n = hp.val_size
-            self.val_set = FashionCaptionDataset(images[:n], labels[:n], "val", hp.seed + 1)
+            self.val_set = FashionCaptionDataset(images[:n], labels[:n], "val", hp.data_seed + 1)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -102,14 +102,14 @@ def study_overlay(
     """The overlay of one run: the training ``seed`` everywhere, outputs under ``run_dir``.
 
     The seed sets ``seed_everything``, the module's step generator (``model.seed``) and the data
-    order and captions (``data.init_args.seed``): a training seed changes every random draw.
+    order and captions (``data.init_args.data_seed``): a training seed changes every random draw.
     """
     from acpo_demo.ablations.sweeps import nested
 
     dotted: dict[str, Any] = {
         "seed_everything": seed,
         "model.seed": seed,
-        "data.init_args.seed": seed,
+        "data.init_args.data_seed": seed,
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
         **dict(overrides),

@@ -78,7 +78,7 @@ _DATA_SETTINGS = (
     "random_flip",
     "normalize",
     "interpolation",
-    "seed",
+    "data_seed",
     "on_bad_sample",
 )
 

@@ -74,7 +74,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         gradient_checkpointing: checkpoint denoiser, decoder and quality-head activations.
         num_inference_steps: default sampler steps of ``generate``.
         guidance_scale: default CFG scale of ``generate`` (and of rollouts, unless set).
-        seed: base seed; each step's randomness is a function of (seed, step, batch, rank).
+        seed: base seed (>= 0); each step's randomness is a function of (seed, step, batch, rank).
+            The data's order has its own knob, the DataModules' ``data_seed``.
         objective: ``data`` (noised real images), ``rollout`` (the policy's own samples) or
             ``both`` (a rollout step with probability ``rollout_ratio``).
         rollout_ratio: share of rollout steps in ``both`` mode.
@@ -157,6 +158,11 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         objectives: ObjectiveMix | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            # numpy's SeedSequence, which mixes every step's seed, takes no negative words
+            raise ValueError(
+                f"seed must be a non-negative integer, got {seed!r}. Fix: use a seed >= 0"
+            )
         knobs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS, "perceptual_crop"])
         parts = assemble(knobs, _DEFAULTS)

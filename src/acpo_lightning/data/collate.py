@@ -23,10 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_deprecation
 from torch import Tensor
-from torch.utils.data import Dataset, RandomSampler, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
+
+from acpo_lightning.data.shuffle import SeededShuffle, distributed_shards
 
 #: Per-item tensors that are stacked into the batch when the items carry them.
 TENSOR_KEYS = ("pixel_values", "latent_moments")
@@ -122,6 +124,70 @@ def collate_prompt_images(
     return batch
 
 
+def resolve_data_seed(data_seed: int, seed: int | None, owner: str) -> int:
+    """The DataModule's ``data_seed``, from the deprecated ``seed`` key when only that is given.
+
+    The data modules' seed was once called ``seed``, like ``ACPOModule``'s; Lightning merges the
+    module's and the DataModule's hyperparameters into one table when a logger is attached and
+    refuses one key with two values, so the data's knob is ``data_seed``.
+
+    Args:
+        data_seed: the DataModule's ``data_seed`` argument.
+        seed: its deprecated ``seed`` argument (``None``: not given).
+        owner: the DataModule's class name, for the messages.
+
+    Returns:
+        The seed to use, a non-negative integer.
+
+    Raises:
+        ValueError: both keys with different values, or a negative seed.
+    """
+    if seed is not None:
+        if data_seed not in (0, seed):
+            raise ValueError(
+                f"{owner}: both `seed` ({seed}) and `data_seed` ({data_seed}) are set; `seed` is "
+                "the old name of `data_seed`. Fix: keep `data_seed` only"
+            )
+        rank_zero_deprecation(
+            f"{owner}: `seed` is renamed `data_seed` (the model's `seed` is another knob); "
+            f"write `data_seed: {seed}`"
+        )
+        data_seed = seed
+    if not isinstance(data_seed, int) or isinstance(data_seed, bool) or data_seed < 0:
+        raise ValueError(
+            f"{owner}: data_seed must be a non-negative integer, got {data_seed!r}. Fix: use a "
+            "seed >= 0"
+        )
+    return data_seed
+
+
+def record_data_seed(datamodule: Any, data_seed: int) -> None:
+    """Put the resolved ``data_seed`` in ``datamodule``'s saved hyperparameters, after
+    ``save_hyperparameters(ignore=[..., "seed"])``.
+
+    LightningCLI hands ``save_hyperparameters`` its own parsed arguments, in which ``data_seed``
+    is still the default when only the deprecated ``seed`` was given; the loggers log the
+    initial copy (``hparams_initial``), so both are set.
+    """
+    datamodule.hparams["data_seed"] = data_seed
+    datamodule._hparams_initial["data_seed"] = data_seed
+
+
+def check_loader_numbers(owner: str, batch_size: int, num_workers: int) -> None:
+    """Refuse a ``batch_size`` below 1 or a negative ``num_workers`` at construction.
+
+    Raises:
+        ValueError: naming the value and the fix.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{owner}: batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(
+            f"{owner}: num_workers must be an integer >= 0 (0: load in the main process), got "
+            f"{num_workers!r}"
+        )
+
+
 class IndexedDataset(Dataset):
     """``dataset`` whose items also carry ``index``, their position in it.
 
@@ -151,19 +217,23 @@ def seeded_loader(
     seed: int,
     collate_fn: Callable[[list[dict]], dict],
     num_workers: int = 0,
+    shards: dict[str, int] | None = None,
     **loader_kwargs: Any,
 ) -> StatefulDataLoader:
     """A resumable ``DataLoader`` whose shuffle order is drawn from a generator seeded with ``seed``.
 
     Shared by the DataModules so that every one of them orders its batches the same way. It is
-    torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
-    generator's state and the position within the epoch) in every checkpoint and restores it on
-    ``--ckpt_path``, so a resumed run sees exactly the batches an uninterrupted run would.
-    Each epoch draws a fresh permutation from the same generator.
+    torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the sampler's epoch
+    and position within it) in every checkpoint and restores it on ``--ckpt_path``, so a resumed
+    run sees exactly the batches an uninterrupted run would. Each epoch draws a fresh
+    permutation; under DDP each rank takes its share of it (:class:`SeededShuffle`).
+
+    Args:
+        shards: ``num_replicas`` and ``rank`` of the shuffle (the Trainer's
+            ``distributed_sampler_kwargs``); ``None``: from ``torch.distributed`` when the
+            loader is iterated (one process when it is not initialized).
     """
-    sampler = (
-        SeededShuffle(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
-    )
+    sampler = SeededShuffle(dataset, seed, **(shards or {})) if shuffle else None
     return ResumableDataLoader(
         dataset,
         batch_size=batch_size,
@@ -174,26 +244,15 @@ def seeded_loader(
     )
 
 
-class SeededShuffle(StatefulRandomSampler, RandomSampler):
-    """torchdata's stateful ``RandomSampler`` that Lightning also recognizes as a ``RandomSampler``.
-
-    Single-process, it is exactly what ``StatefulDataLoader(shuffle=True)`` builds (its iterator's
-    state, generator included, goes into the loader's ``state_dict``). Being a torch
-    ``RandomSampler`` too, Lightning replaces it under DDP with a plain ``DistributedSampler``
-    (shuffled, seeded, ``set_epoch`` per epoch), which a resumed loader fast-forwards exactly,
-    rather than wrapping it in a ``DistributedSamplerWrapper`` whose shuffle state is not saved.
-    """
-
-
 class ResumableDataLoader(StatefulDataLoader):
     """torchdata's ``StatefulDataLoader`` that also resumes cleanly from the end of an epoch.
 
     Lightning checkpoints after a step, when the last batch of an epoch has been yielded but the
     iterator has not yet raised ``StopIteration``; ``StatefulDataLoader`` then restores an
-    exhausted epoch, which Lightning counts as one more (empty) epoch, shifting epoch numbers (and,
-    under DDP, the ``DistributedSampler`` order) against an uninterrupted run. Marking such a state
-    finished makes the next ``iter()`` start the following epoch, with the shuffle generator where
-    the uninterrupted run has it.
+    exhausted epoch, which Lightning counts as one more (empty) epoch, shifting epoch numbers (and
+    with them the shuffle order) against an uninterrupted run. Marking such a state finished makes
+    the next ``iter()`` start the following epoch, which Lightning's ``set_epoch`` numbers as the
+    uninterrupted run does.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -216,7 +275,7 @@ class ResumableDataLoader(StatefulDataLoader):
 
 
 class SeededLoaders:
-    """Mixin for a ``LightningDataModule`` whose hyper-parameters hold ``batch_size``, ``seed`` and
+    """Mixin for a ``LightningDataModule`` whose hyper-parameters hold ``batch_size``, ``data_seed`` and
     ``num_workers``: ``self._loader(dataset, shuffle)`` is :func:`seeded_loader` with those and the
     class's ``collate_fn``.
     """
@@ -229,9 +288,10 @@ class SeededLoaders:
             dataset,
             batch_size=hp.batch_size,
             shuffle=shuffle,
-            seed=hp.seed,
+            seed=hp.data_seed,
             collate_fn=self.collate_fn,
             num_workers=hp.num_workers,
+            shards=distributed_shards(self),
         )
 
 
@@ -252,14 +312,14 @@ class PromptDataLoaders:
         self,
         batch_size: int,
         num_workers: int,
-        seed: int,
+        data_seed: int,
         tokenizer: Any | None,
         max_length: int | None,
         pin_memory: bool | None,
         persistent_workers: bool,
     ) -> None:
         """Store the loader options; no datasets yet (``setup`` makes them)."""
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.num_workers, self.data_seed = batch_size, num_workers, data_seed
         self.tokenizer = tokenizer
         self.max_length = None if tokenizer is None else tokenizer_max_length(tokenizer, max_length)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -276,11 +336,12 @@ class PromptDataLoaders:
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            seed=self.seed,
+            seed=self.data_seed,
             collate_fn=functools.partial(
                 collate_prompt_images, tokenizer=self.tokenizer, max_length=self.max_length
             ),
             num_workers=self.num_workers,
+            shards=distributed_shards(self),
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )

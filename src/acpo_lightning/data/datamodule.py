@@ -10,7 +10,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning.data.collate import PromptDataLoaders
+from acpo_lightning.data.collate import (
+    PromptDataLoaders,
+    check_loader_numbers,
+    record_data_seed,
+    resolve_data_seed,
+)
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
 from acpo_lightning.data.hf_sources import read_hf
 from acpo_lightning.data.images import BadSampleError, SampleProblem
@@ -60,7 +65,8 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
     ``val``/``test``: prompt-only batches of ``val_prompts_path`` if given, else the held-out
     ``val_fraction`` of the source (centre crop, no flip), else none (an empty list, which
     Lightning skips). ``predict``: prompt-only batches of ``val_prompts_path``, else of all
-    usable rows. Samplers are plain, so Lightning swaps in a ``DistributedSampler`` under DDP.
+    usable rows. Under DDP the training shuffle is shared out over the ranks by ``data_seed``
+    (:class:`~acpo_lightning.data.shuffle.SeededShuffle`); Lightning shards the others.
 
     Args:
         source: ``imagefolder``, ``manifest``, ``hf`` or ``prompts``.
@@ -79,7 +85,8 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
         upscale: enlarge images smaller than ``resolution`` instead of treating them as bad.
         center_crop: centre crops for training too (else random crops).
         random_flip: random horizontal flips for training.
-        normalize: ``minus_one_one`` (``[-1, 1]``, Stable Diffusion's VAE) or ``zero_one``.
+        normalize: ``minus_one_one`` (``[-1, 1]``, the VAE's range), the only range the module and
+            ``acpo cache-latents`` take; ``zero_one`` is refused.
         interpolation: resize filter, ``bilinear`` (diffusers' default), ``bicubic`` or ``lanczos``.
         tokenizer: a Hugging Face tokenizer (the text encoder's); ``None``: no ``input_ids``.
         max_length: token length; default the tokenizer's ``model_max_length``.
@@ -87,8 +94,9 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
         num_workers: DataLoader worker processes (also the scan's decoding threads).
         pin_memory: pin batches for faster host-to-GPU copies; ``None``: when CUDA is available.
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
-        seed: seed of the train/val split and of the training shuffle.
+        data_seed: seed of the train/val split and of the training shuffle (also under DDP).
         on_bad_sample: ``error`` (default) or ``skip`` (counted and reported).
+        seed: deprecated name of ``data_seed``.
 
     Raises:
         ValueError: an unknown ``source``/``on_bad_sample``, a bad number, a bad table.
@@ -124,20 +132,28 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        seed: int = 0,
+        data_seed: int = 0,
         on_bad_sample: Literal["error", "skip"] = "error",
+        seed: int | None = None,
     ) -> None:
+        data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
-        _check_choices(
-            source, on_bad_sample, val_fraction, val_prompts_path, batch_size, num_workers
-        )
+        self.save_hyperparameters(ignore=["tokenizer", "seed"])
+        record_data_seed(self, data_seed)
+        _check_choices(source, on_bad_sample, val_fraction, val_prompts_path, normalize)
+        check_loader_numbers(type(self).__name__, batch_size, num_workers)
         self.source, self.path, self.split = source, str(path), split
         self.image_column = image_column or DEFAULT_IMAGE_COLUMN.get(source, "image")
         self.caption_column, self.val_fraction = caption_column, val_fraction
         self.on_bad_sample = on_bad_sample
         self._set_loader_options(
-            batch_size, num_workers, seed, tokenizer, max_length, pin_memory, persistent_workers
+            batch_size,
+            num_workers,
+            data_seed,
+            tokenizer,
+            max_length,
+            pin_memory,
+            persistent_workers,
         )
         options = dict(
             resize=resize, upscale=upscale, normalize=normalize, interpolation=interpolation
@@ -189,7 +205,7 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
         if self.table is None:
             self.table = self._read_source()
         kept = self._scan(self.table, self.train_transform if self.table.has_images else None)
-        train_rows, val_rows = split_rows(len(self.table), self.val_fraction, self.seed)
+        train_rows, val_rows = split_rows(len(self.table), self.val_fraction, self.data_seed)
         train_rows = [row for row in train_rows if row in kept]
         val_rows = [row for row in val_rows if row in kept]
         self._check_not_empty(train_rows, "training", len(self.table))
@@ -252,8 +268,7 @@ def _check_choices(
     on_bad_sample: str,
     val_fraction: float,
     val_prompts_path: str | None,
-    batch_size: int,
-    num_workers: int,
+    normalize: str,
 ) -> None:
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -266,9 +281,12 @@ def _check_choices(
             f"give either val_prompts_path ({val_prompts_path!r}) or val_fraction ({val_fraction}) "
             "for validation, not both: the validation loader is one or the other"
         )
-    if batch_size < 1 or num_workers < 0:
+    if normalize != "minus_one_one":
+        # ACPOModule and `acpo cache-latents` hand pixel_values to the VAE, whose range is [-1, 1]
         raise ValueError(
-            f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
+            f"normalize must be 'minus_one_one', got {normalize!r}: ACPOModule and acpo "
+            "cache-latents take pixel_values in [-1, 1] (the VAE's range) and would train on "
+            "[0, 1] images as washed-out ones. Fix: remove `normalize` (or set minus_one_one)"
         )
 
 

@@ -69,7 +69,7 @@ class BadSampleError(ValueError):
     """
 
     def __init__(self, message: str, problems: list[SampleProblem] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_without_worker_traceback(message, type(self)))
         self.problems = list(problems or [])
 
     @classmethod
@@ -88,6 +88,23 @@ class BadSampleError(ValueError):
         listed = "\n".join(f"  {problem}" for problem in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         return cls(f"{origin}: {len(problems)} bad rows:\n{listed}{more}\n{SKIP_HINT}", problems)
+
+
+def _without_worker_traceback(message: str, error_type: type) -> str:
+    """The original message of an error that PyTorch re-raises out of a DataLoader worker.
+
+    PyTorch rebuilds the error in the main process from one string, ``Caught <type> in
+    DataLoader worker process N.\nOriginal Traceback (most recent call last): ...`` ending in
+    ``<module>.<type>: <message>``; the user is shown the message, as from the main process.
+    """
+    if (
+        not message.startswith(f"Caught {error_type.__name__} ")
+        or "Original Traceback" not in message
+    ):
+        return message
+    marker = f"{error_type.__module__}.{error_type.__qualname__}: "
+    _, found, original = message.rpartition(marker)
+    return original.rstrip("\n") if found else message
 
 
 def describe_ref(ref: ImageRef | None) -> str:

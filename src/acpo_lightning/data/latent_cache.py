@@ -52,7 +52,12 @@ from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning.checkpoint_io import write_atomically
 from acpo_lightning.conditioning import Conditioning
-from acpo_lightning.data.collate import PromptDataLoaders
+from acpo_lightning.data.collate import (
+    PromptDataLoaders,
+    check_loader_numbers,
+    record_data_seed,
+    resolve_data_seed,
+)
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
 from acpo_lightning.data.images import BadSampleError
 from acpo_lightning.data.latent_cache_format import (  # noqa: F401  (re-exported names)
@@ -242,13 +247,14 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
         path: the cache folder (``--out`` of ``acpo cache-latents``).
         batch_size: items per batch (per process under DDP).
         num_workers: DataLoader worker processes.
-        seed: seed of the training shuffle.
+        data_seed: seed of the training shuffle (also under DDP).
         val_prompts_path: prompts file for validation/prediction (``.txt`` or a table).
         val_prompts_column: its prompt column if it is a table.
         tokenizer: a Hugging Face tokenizer; ``None``: no ``input_ids`` in the batches.
         max_length: token length; default the tokenizer's ``model_max_length``.
         pin_memory: pin batches for faster host-to-GPU copies; ``None``: when CUDA is available.
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+        seed: deprecated name of ``data_seed``.
 
     Raises:
         FileNotFoundError: no folder, no manifest, a missing shard, or no ``val_prompts_path``.
@@ -266,24 +272,30 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
         path: str,
         batch_size: int = 4,
         num_workers: int = 0,
-        seed: int = 0,
+        data_seed: int = 0,
         val_prompts_path: str | None = None,
         val_prompts_column: str | None = "text",
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_length: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        seed: int | None = None,
     ) -> None:
+        data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(
-                f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}"
-            )
+        self.save_hyperparameters(ignore=["tokenizer", "seed"])
+        record_data_seed(self, data_seed)
+        check_loader_numbers(type(self).__name__, batch_size, num_workers)
         self.path = Path(path).expanduser()
         self.manifest = read_latent_cache(self.path)
         self._set_loader_options(
-            batch_size, num_workers, seed, tokenizer, max_length, pin_memory, persistent_workers
+            batch_size,
+            num_workers,
+            data_seed,
+            tokenizer,
+            max_length,
+            pin_memory,
+            persistent_workers,
         )
         self.val_prompts: RecordTable | None = None
         if val_prompts_path is not None:

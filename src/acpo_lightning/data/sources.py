@@ -177,7 +177,7 @@ def _read_json_rows(path: Path, lines: bool) -> tuple[set[str], list[dict]]:
     text = path.read_text(encoding="utf-8-sig")
     if lines:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(json_lines(text), start=1):
             if line.strip():
                 rows.append(_parse_json(line, f"{path}, line {number}"))
     else:
@@ -185,6 +185,19 @@ def _read_json_rows(path: Path, lines: bool) -> tuple[set[str], list[dict]]:
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path}: expected one JSON object per row (a list of objects for .json)")
     return {key for row in rows for key in row}, rows
+
+
+def json_lines(text: str) -> list[str]:
+    r"""The lines of a JSON Lines or ``.txt`` file: split at ``\n`` only (a ``\r`` before it dropped).
+
+    ``str.splitlines`` also splits at U+2028, U+2029, ``\x1c``... which a JSON string may hold
+    unescaped (and a caption may contain): such a row would be cut in two.
+
+    Example:
+        >>> json_lines('{"text": "a\u2028b"}\r\n{}')
+        ['{"text": "a\u2028b"}', '{}']
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _parse_json(text: str, where: str) -> Any:
@@ -304,7 +317,7 @@ def _read_caption(image_path: Path) -> str | MissingCaption:
             f"no caption: no metadata.jsonl in the folder and no {caption_path.name}"
         )
     try:
-        return caption_path.read_text(encoding="utf-8")
+        return caption_path.read_text(encoding="utf-8-sig")  # a BOM is not part of the caption
     except (OSError, UnicodeDecodeError) as error:
         return MissingCaption(f"cannot read caption file {caption_path} ({error})")
 
@@ -332,5 +345,6 @@ def read_prompts(path: str | Path, column: str | None = "text") -> RecordTable:
         return RecordTable(f"prompts file {path}", read_table(path, [column])[column], None)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist; check the path")
-    prompts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8-sig")
+    prompts = [line for line in json_lines(text) if line.strip()]
     return RecordTable(f"prompts file {path}", prompts, None)

@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from acpo_lightning.data.collate import IndexedDataset, SeededLoaders
+from acpo_lightning.data.collate import (
+    IndexedDataset,
+    SeededLoaders,
+    check_loader_numbers,
+    record_data_seed,
+    resolve_data_seed,
+)
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -77,8 +83,12 @@ class ShapesDataModule(SeededLoaders, pl.LightningDataModule):
         val_size: number of validation (and test) images, drawn with another seed.
         image_size: side length in pixels.
         batch_size: images per batch.
-        seed: base seed of the generated images.
+        data_seed: seed of the generated images and of the training shuffle (also under DDP).
         num_workers: DataLoader worker processes.
+        seed: deprecated name of ``data_seed``.
+
+    Raises:
+        ValueError: a size or ``batch_size`` below 1, a negative ``num_workers`` or seed.
 
     Example:
         >>> dm = ShapesDataModule(train_size=8, batch_size=4, image_size=16)
@@ -92,13 +102,19 @@ class ShapesDataModule(SeededLoaders, pl.LightningDataModule):
         val_size: int = 16,
         image_size: int = 32,
         batch_size: int = 8,
-        seed: int = 0,
+        data_seed: int = 0,
         num_workers: int = 0,
+        seed: int | None = None,
     ) -> None:
+        data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
-        self.save_hyperparameters()
-        self.train_set = ShapesDataset(train_size, image_size, seed)
-        self.val_set = ShapesDataset(val_size, image_size, seed + 1)
+        self.save_hyperparameters(ignore=["seed"])
+        record_data_seed(self, data_seed)
+        check_loader_numbers(type(self).__name__, batch_size, num_workers)
+        if image_size < 1:
+            raise ValueError(f"ShapesDataModule: image_size must be >= 1 pixel, got {image_size}")
+        self.train_set = ShapesDataset(train_size, image_size, data_seed)
+        self.val_set = ShapesDataset(val_size, image_size, data_seed + 1)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
