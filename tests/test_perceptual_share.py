@@ -187,3 +187,43 @@ def test_rollout_steps_draw_the_data_timesteps_as_plain_training(tokenizer_dir) 
         )
     times = torch.cat(seen)
     assert times.numel() == 24 and int((times > 400).sum()) > 0
+
+
+# ---------------------------------------------------------------- every shipped config
+#: each tiny overlay with the shipped config it shrinks
+SHIPPED = {
+    "tiny.yaml": "acpo.yaml",
+    "tiny_pixel.yaml": "ddpm_church.yaml",
+    "tiny_sdxl.yaml": "sdxl.yaml",
+    "tiny_sd3.yaml": "sd35.yaml",
+    "tiny_flux.yaml": "flux.yaml",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay", list(SHIPPED))
+def test_every_shipped_config_scores_at_its_shipped_share_and_batch(
+    overlay: str, tmp_path, monkeypatch
+) -> None:
+    """Before: sdxl.yaml (0.25 x 2), sd35.yaml and flux.yaml (0.25 x 1) scored no sample on any
+    step (train/perc_share 0, no train/iqa); the tiny overlays' share 0.5 hid it."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from acpo_lightning.cli import main
+    from conftest import CONFIGS
+
+    base = yaml.safe_load((CONFIGS / SHIPPED[overlay]).read_text())
+    tiny = yaml.safe_load((CONFIGS / overlay).read_text())
+    assert "perceptual_share" not in tiny["model"], "a tiny overlay shrinks sizes, not behaviour"
+    share, batch = base["model"]["perceptual_share"], base["data"]["init_args"]["batch_size"]
+    assert share > 0 and base["model"].get("w_perc", 0.1) > 0
+    monkeypatch.chdir(tmp_path)
+    configs = [a for f in (SHIPPED[overlay], overlay) for a in ("--config", str(CONFIGS / f))]
+    main(["fit", *configs, "--trainer.max_steps", "8", "--data.init_args.batch_size", str(batch)])
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    shares = [e.value for e in events.Scalars("train/perc_share")]
+    assert len(shares) == 8 and max(shares) > 0
+    assert "train/iqa" in events.Tags()["scalars"]
+    assert any(e.value != 0 for e in events.Scalars("train/loss_perc"))
