@@ -62,7 +62,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         w_perc: weight of the perceptual loss.
         tau: late-denoising gate; only samples with ``t <= tau`` get perceptual gradient.
         t_min: lower end of the perceptual timesteps ``[t_min, tau]``.
-        perceptual_share: share of each batch drawn from ``[t_min, tau]``, decoded and scored.
+        perceptual_share: share of each batch drawn from ``[t_min, tau]`` and scored (a mean).
         anchor_mode: ``penalty`` (fixed ``w_anchor``) or ``constraint`` (dual ascent on it).
         anchor_delta: allowed drift in constraint mode: the mean squared raw-output difference per
             element over every sample of an optimizer step (``anchor_weight.AnchorWeight``).
