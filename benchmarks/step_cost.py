@@ -49,7 +49,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 REFERENCE = "plain_lora"
 
 VARIANTS = {
-    "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0),
+    # measure_drift off: a plain LoRA step runs no anchor (ACPOModule measures the drift at weight 0)
+    "plain_lora": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0, measure_drift=False),
     "acpo_toggle_share0.25": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=0.25),
     "acpo_toggle_share1.0": dict(w_anchor=1.0, w_perc=0.1, perceptual_share=1.0),
     "acpo_toggle_share0.25_taesd": dict(
@@ -65,7 +66,9 @@ VARIANTS = {
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True, crop=True
     ),
     # latents cached by `acpo cache-latents`: batches carry the VAE posterior, not the pixels
-    "plain_lora_cached": dict(w_anchor=0.0, w_perc=0.0, perceptual_share=0.0, cached=True),
+    "plain_lora_cached": dict(
+        w_anchor=0.0, w_perc=0.0, perceptual_share=0.0, measure_drift=False, cached=True
+    ),
     "acpo_toggle_share0.25_taesd_cached": dict(
         w_anchor=1.0, w_perc=0.1, perceptual_share=0.25, taesd=True, cached=True
     ),

@@ -18,9 +18,13 @@ from acpo_lightning.testing import InjectNonFinite
 from conftest import CONFIGS, make_module, run_acpo
 
 #: The tiny config: 16 images in batches of 4, so an epoch is 4 steps. Constraint mode, so the
-#: dual variable (w_anchor) and its running drift must be restored too.
+#: dual variable (w_anchor) and its running drift must be restored too; share 0.3 x 4 = 1.2, so
+#: each step's scored count (1 or 2) is drawn and must be drawn again the same on resume.
 TINY = ["--config", str(CONFIGS / "acpo.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
-COMMON = ["--model.anchor_mode", "constraint", "--trainer.max_steps", "6"]
+COMMON = [
+    "--model.anchor_mode", "constraint", "--trainer.max_steps", "6",
+    "--model.perceptual_share", "0.3",
+]  # fmt: skip
 
 
 def _overlay(path: Path, every: int, kill_at: int | None) -> Path:

@@ -194,9 +194,14 @@ def _anchor_batch_sizes(module) -> list[int]:
     return sizes
 
 
-def test_the_rollout_runs_the_anchor_only_when_its_term_counts(tokenizer_dir) -> None:
+def test_the_rollout_runs_the_anchor_when_its_term_counts_or_its_drift_is_measured(
+    tokenizer_dir,
+) -> None:
     settings = dict(objective="rollout", rollout_steps=3, k_late=1, guidance_scale=3.0)
-    assert _anchor_batch_sizes(make_module(tokenizer_dir, w_anchor=0.0, **settings)) == []
+    unmeasured = make_module(tokenizer_dir, w_anchor=0.0, measure_drift=False, **settings)
+    assert _anchor_batch_sizes(unmeasured) == []
+    # weight 0 in penalty mode: the drift is measured (without gradient) by default
+    assert _anchor_batch_sizes(make_module(tokenizer_dir, w_anchor=0.0, **settings)) == [4]
     # both CFG branches of the two samples, once
     assert _anchor_batch_sizes(make_module(tokenizer_dir, w_anchor=1.0, **settings)) == [4]
     constrained = make_module(tokenizer_dir, w_anchor=0.0, anchor_mode="constraint", **settings)

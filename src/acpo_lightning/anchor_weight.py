@@ -27,6 +27,9 @@ class AnchorWeight(nn.Module):
         delta: allowed drift in constraint mode; > 0.
         dual_lr: dual-ascent step size.
         ema: smoothing of the running mean drift.
+        measure_drift: in penalty mode at weight 0, still run the anchor (without gradient) so
+            that ``train/loss_anchor`` is the measured drift: one more forward pass of the network
+            per step. ``False`` skips it, and no drift is logged.
 
     Example:
         >>> weight = AnchorWeight(1.0, "constraint", delta=0.01, dual_lr=10.0)
@@ -43,6 +46,7 @@ class AnchorWeight(nn.Module):
         delta: float = 1e-3,
         dual_lr: float = 10.0,
         ema: float = 0.9,
+        measure_drift: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("penalty", "constraint"):
@@ -54,13 +58,20 @@ class AnchorWeight(nn.Module):
                 f"anchor_delta={delta} must be > 0 in constraint mode (allowed mean drift)."
             )
         self.mode, self.delta, self.dual_lr, self.ema = mode, delta, dual_lr, ema
-        #: whether the anchor network runs at all (penalty mode with weight 0 skips it)
+        #: whether the anchor term trains (penalty mode with weight 0 only measures the drift)
         self.active = mode == "constraint" or w_anchor > 0
+        #: whether the drift is measured (without gradient) when the term is not active
+        self.measure_drift = measure_drift
         self.register_buffer("w_anchor_state", torch.tensor(float(w_anchor)))
         self.register_buffer("drift_ema", torch.tensor(0.0))
         self.register_buffer("drift_ema_steps", torch.tensor(0, dtype=torch.long))
         self._drift_sum: Tensor | None = None
         self._drift_samples = 0
+
+    def measures_drift(self, has_anchor: bool) -> bool:
+        """Whether a step runs the anchor: its term trains, or (weight 0 in penalty mode) the
+        drift is measured without gradient, given an anchor to measure it against."""
+        return self.active or (self.measure_drift and has_anchor)
 
     @property
     def value(self) -> Tensor:

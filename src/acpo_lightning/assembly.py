@@ -17,7 +17,9 @@ from acpo_lightning.processes import DiffusionProcess, FlowProcess, VPProcess, i
 PART_KNOBS = {
     "process": ("noise_scheduler", "tau", "t_min"),
     "denoiser": ("unet", "text_encoder", "tokenizer", "anchor_unet", "max_prompt_length"),
-    "anchor_weight": ("w_anchor", "anchor_mode", "anchor_delta", "dual_lr", "drift_ema"),
+    "anchor_weight": (
+        "w_anchor", "anchor_mode", "anchor_delta", "dual_lr", "drift_ema", "measure_drift",
+    ),
     "guard": ("skip_nonfinite", "max_consecutive_skips"),
     "objectives": (
         "objective", "w_diff", "w_perc", "rollout_ratio", "perceptual_share", "prompt_dropout",
@@ -72,8 +74,9 @@ def assemble(knobs: dict[str, Any], defaults: dict[str, Any]) -> Parts:
             k["max_prompt_length"], k["channels_last"],
         )  # fmt: skip
     anchor_weight = k["anchor_weight"] or AnchorWeight(
-        k["w_anchor"], k["anchor_mode"], k["anchor_delta"], k["dual_lr"], k["drift_ema"]
-    )
+        k["w_anchor"], k["anchor_mode"], k["anchor_delta"], k["dual_lr"], k["drift_ema"],
+        k["measure_drift"],
+    )  # fmt: skip
     if anchor_weight.active:
         denoiser.check_anchor()
     _check_process_fits(process, sampler, denoiser)

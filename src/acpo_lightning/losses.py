@@ -10,7 +10,8 @@ Notation, for a noise schedule with cumulative products ``alpha_bar_t``::
 - ``L_anchor``: mean squared distance between the policy output and the frozen anchor's output,
   in the model's own output space;
 - ``L_perc``: minus the normalized quality score of the decoded x0 estimate, averaged over the
-  *gated* samples only (those with ``t <= tau``).
+  *gated* samples only (those with ``t <= tau``); in the data objective their sum is divided by the
+  expected scored count ``share * B`` (:func:`scored_count`), so the term is unbiased for any batch.
 
 Every function returns per-sample values or scalars and is tested against hand-computed numbers.
 """
@@ -146,16 +147,27 @@ def late_mask(timesteps: Tensor, tau: int) -> Tensor:
     return timesteps <= tau
 
 
-def perceptual_loss(normalized_scores: Tensor, mask: Tensor) -> Tensor:
-    """Minus the mean normalized score over the gated samples (0 when none is gated).
+def perceptual_loss(
+    normalized_scores: Tensor, mask: Tensor, expected_count: float | None = None
+) -> Tensor:
+    """Minus the normalized score of the gated samples, averaged (0 when none is gated).
+
+    Without ``expected_count`` the average is over the gated samples. With it, their sum is divided
+    by ``expected_count``, the number of scored samples a step draws on average
+    (:func:`scored_count`): a step that scores ``n`` samples then contributes ``n / expected_count``
+    times their mean, so the term's expectation over steps is minus the mean score even when ``n``
+    varies from step to step (at batch 1 and share 0.25, one step in four scores, four times over).
+    When every step scores ``expected_count`` samples the two are the same number.
 
     Args:
         normalized_scores: ``[B]`` scores from :func:`normalize_score` (or ``[G]`` for pre-gated).
         mask: boolean mask of the same shape; samples outside it get no gradient at all.
+        expected_count: the mean number of scored samples per step, or ``None``.
     """
-    count = mask.sum()
     gated = torch.where(mask, normalized_scores, torch.zeros_like(normalized_scores))
-    return -gated.sum() / count.clamp(min=1)
+    if expected_count is not None and expected_count > 0:
+        return -gated.sum() / expected_count
+    return -gated.sum() / mask.sum().clamp(min=1)
 
 
 class ACPOTerms(NamedTuple):
@@ -176,6 +188,7 @@ def acpo_objective(
     w_diff: float | Tensor,
     w_anchor: float | Tensor,
     w_perc: float | Tensor,
+    expected_count: float | None = None,
 ) -> ACPOTerms:
     """Combine per-sample terms into the ACPO loss.
 
@@ -187,12 +200,14 @@ def acpo_objective(
         w_diff: weight of the diffusion term.
         w_anchor: weight of the anchor term (a tensor in constraint mode).
         w_perc: weight of the perceptual term.
+        expected_count: the mean number of scored samples per step (:func:`perceptual_loss`);
+            ``None`` averages over the gated samples.
 
     Returns:
         :class:`ACPOTerms` with the total and each (unweighted) term.
     """
     diff_mean, anchor_mean = diff.mean(), anchor.mean()
-    perc = perceptual_loss(normalized_scores, gate)
+    perc = perceptual_loss(normalized_scores, gate, expected_count)
     iqa = (
         normalized_scores.detach().mean()
         if normalized_scores.numel()
@@ -225,6 +240,61 @@ def dual_ascent_step(
     return (w_anchor + lr * (penalty.detach().to(w_anchor) - delta)).clamp(0.0, w_max)
 
 
+def _mixed_seed(seed: int) -> int:
+    """A 63-bit seed of its own mixed from ``seed`` (SplitMix64's finaliser)."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+def check_share(share: float) -> None:
+    """Raise a ``ValueError`` naming ``share`` unless it is in ``[0, 1]``."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"perceptual share must be in [0, 1], got {share}")
+
+
+def expected_count(share: float, size: int) -> float:
+    """``share * size``, snapped to the nearest whole number within float rounding
+    (``0.3 * 10`` is ``3.0000000000000004``).
+
+    Raises:
+        ValueError: ``share`` is outside ``[0, 1]``.
+    """
+    check_share(share)
+    expected = share * size
+    nearest = round(expected)
+    return float(nearest) if abs(expected - nearest) <= 1e-9 * max(1.0, expected) else expected
+
+
+def scored_count(share: float, size: int, generator: torch.Generator) -> tuple[int, float]:
+    """How many of ``size`` samples a step scores: unbiased, ``E[count] = share * size``.
+
+    ``floor(share * size)``, plus one with probability ``frac(share * size)`` (stochastic rounding):
+    at batch 1 and share 0.25 one step in four scores a sample, at batch 6 half of the steps score
+    two and half one. ``round(share * size)`` was 0 for every step there, and biased at other batch
+    sizes. When ``share * size`` is whole (within float rounding) nothing is drawn.
+
+    The draw comes from a CPU generator seeded from ``generator``'s seed (mixed, so it is not the
+    step generator's own first number): a function of the step's seed, so that resumes replay it,
+    which neither shifts the step generator's stream nor waits for a GPU generator.
+
+    Returns:
+        ``(count, expected)``: the scored count of this step and its expectation ``share * size``
+        (the divisor of :func:`perceptual_loss` that makes the perceptual term unbiased).
+
+    Raises:
+        ValueError: ``share`` is outside ``[0, 1]``.
+    """
+    expected = expected_count(share, size)
+    if expected == int(expected):
+        return int(expected), expected
+    whole = math.floor(expected)
+    draw = torch.Generator().manual_seed(_mixed_seed(generator.initial_seed()))
+    extra = float(torch.rand((), generator=draw)) < expected - whole
+    return whole + int(extra), expected
+
+
 def sample_timesteps(
     batch_size: int,
     num_train_timesteps: int,
@@ -233,7 +303,7 @@ def sample_timesteps(
     share: float,
     generator: torch.Generator,
 ) -> tuple[Tensor, int]:
-    """Draw training timesteps; the first ``round(share * B)`` are perceptual samples in ``[t_min, tau]``.
+    """Draw training timesteps; the first :func:`scored_count` are perceptual samples in ``[t_min, tau]``.
 
     The rest are uniform over ``[0, T)`` as in plain diffusion training. Returns ``(timesteps, n_perc)``;
     ``timesteps`` lives on the generator's device (CPU for a CPU generator).
@@ -246,9 +316,7 @@ def sample_timesteps(
             f"need 0 <= t_min <= tau < num_train_timesteps, got t_min={t_min}, tau={tau}, "
             f"num_train_timesteps={num_train_timesteps}"
         )
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"perceptual share must be in [0, 1], got {share}")
-    n_perc = round(share * batch_size)
+    n_perc, _ = scored_count(share, batch_size, generator)
     device = generator.device
     late = torch.randint(t_min, tau + 1, (n_perc,), generator=generator, device=device)
     rest = torch.randint(

@@ -63,12 +63,14 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         w_perc: weight of the perceptual loss.
         tau: late-denoising gate; only samples with ``t <= tau`` get perceptual gradient.
         t_min: lower end of the perceptual timesteps ``[t_min, tau]``.
-        perceptual_share: share of each batch drawn from ``[t_min, tau]``, decoded and scored.
+        perceptual_share: share of each batch drawn from ``[t_min, tau]`` and scored (a mean).
         anchor_mode: ``penalty`` (fixed ``w_anchor``) or ``constraint`` (dual ascent on it).
         anchor_delta: allowed drift in constraint mode: the mean squared raw-output difference per
             element over every sample of an optimizer step (``anchor_weight.AnchorWeight``).
         dual_lr: dual-ascent step size in constraint mode.
         drift_ema: smoothing of the running mean drift in constraint mode.
+        measure_drift: at ``w_anchor`` 0 (penalty mode), run the anchor without gradient to log
+            the drift (one more forward pass per step); ``False`` skips it and logs no drift.
         prompt_dropout: probability of replacing a prompt with the empty prompt (CFG training).
         max_prompt_length: token length for prompts (default: the tokenizer's).
         gradient_checkpointing: checkpoint denoiser, decoder and quality-head activations.
@@ -131,6 +133,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         anchor_delta: float = 1e-3,
         dual_lr: float = 10.0,
         drift_ema: float = 0.9,
+        measure_drift: bool = True,
         prompt_dropout: float = 0.1,
         max_prompt_length: int | None = None,
         gradient_checkpointing: bool = False,
@@ -185,6 +188,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.seed, self.num_inference_steps = seed, num_inference_steps
         self.guidance_scale, self.gradient_checkpointing = guidance_scale, gradient_checkpointing
         self._step_terms: dict[str, Tensor] = {}
+        self._drift_measured = self.anchor_weight.measures_drift(self.denoiser.has_anchor())
         self.strict_loading = False  # frozen weights are not in our checkpoints
 
     # ------------------------------------------------------------------ parts and set-up
@@ -255,6 +259,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return ObjectiveContext(
             self.process, self.denoiser, scorer.codec, scorer, self.sample_scheduler,
             self.device, self.training, weight.current(), weight.active, self.guidance_scale,
+            self._drift_measured,
         )  # fmt: skip
 
     def step_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
@@ -298,24 +303,19 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             count = result.rollout_count
             self.log_dict(result.rollout, on_step=True, batch_size=count, sync_dist=True)
         self.anchor_weight.add_drift(terms.anchor, result.samples)
-        self._log_terms("train", terms, result.perc_share, batch_length(batch))
+        self._log_terms("train", terms, result.perc_share, batch_length(batch), use_rollout)
         names = ("loss", "loss_diff", "loss_anchor", "loss_perc")  # the guard names a culprit
         self._step_terms = {
             name: value.detach() for name, value in zip(names, terms[:4], strict=True)
         }
         return terms.loss
 
-    def _log_terms(self, stage: str, terms: losses.ACPOTerms, share: float, size: int) -> None:
+    def _log_terms(
+        self, stage: str, terms: losses.ACPOTerms, share: float, size: int, rollout: bool = False
+    ) -> None:
         on_step = stage == "train"
-        values = {
-            f"{stage}/loss_diff": terms.diff.detach(),
-            f"{stage}/loss_anchor": terms.anchor.detach(),
-            f"{stage}/w_anchor": self.w_anchor.detach(),
-            f"{stage}/perc_share": share,
-        }
-        if share > 0:
-            values[f"{stage}/loss_perc"] = terms.perc.detach()
-            values[f"{stage}/iqa"] = terms.iqa
+        values = self.objectives.logged_terms(stage, terms, share, rollout, self._drift_measured)
+        values[f"{stage}/w_anchor"] = self.w_anchor.detach()
         # synced in every stage: under DDP train/* are means over processes (one small all-reduce
         # per value and step; a no-op in a single process)
         log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": size, "sync_dist": True}
@@ -327,11 +327,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         if not has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             prompts = list(batch["prompts"])
             roll, loss = self.objectives.evaluate_rollout(self.context(), prompts, generator)
-            values = {
-                "rollout_iqa": roll.iqa,
-                "loss_anchor_rollout": roll.anchor,
-                "rollout_loss": loss,
-            }
+            values = {"rollout_iqa": roll.iqa, "rollout_loss": loss}
+            if self._drift_measured:
+                values["loss_anchor_rollout"] = roll.anchor
             values = {f"{stage}/{name}": value for name, value in values.items()}
             self.log_dict(values, on_epoch=True, batch_size=len(prompts), sync_dist=True)
             return loss

@@ -60,9 +60,13 @@ class Denoiser(ABC):
         """The separate frozen anchor network, or ``None`` (the policy with its adapters off)."""
         return getattr(self, self.anchor_name)
 
+    def has_anchor(self) -> bool:
+        """Whether an anchor can be evaluated: a separate one, or LoRA adapters to switch off."""
+        return self.separate_anchor is not None or has_lora(self.trained)
+
     def check_anchor(self) -> None:
         """Raise a ``ValueError`` with the fix when no anchor can be evaluated."""
-        if self.separate_anchor is None and not has_lora(self.trained):
+        if not self.has_anchor():
             raise ValueError(
                 f"the {self.network_label} has no LoRA adapter (full fine-tuning), so the "
                 f"adapter-toggle anchor does not exist: pass {self.anchor_name} (a frozen copy of "
@@ -227,11 +231,28 @@ class Denoiser(ABC):
                 )
             cond = self.encode_prompts(prompts)
         cond = self.add_batch_conditioning(cond, batch or {}, size)
-        if dropout > 0:
-            device = C.first(cond).device
-            drop = torch.rand(size, generator=generator, device=device) < dropout
-            cond = C.where(drop, self.null_condition(cond), cond)
-        return cond
+        return self.drop_prompts(cond, size, dropout, generator)[0]
+
+    def drop_prompts(
+        self,
+        cond: Conditioning | None,
+        size: int,
+        dropout: float,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Conditioning | None, Tensor | None]:
+        """Replace each sample's conditioning by the empty prompt's with probability ``dropout``.
+
+        Returns:
+            ``(cond, dropped)``: ``dropped`` is the boolean ``[size]`` mask of the replaced
+            samples (on the conditioning's device), ``None`` when nothing was drawn (no dropout,
+            or an unconditional denoiser); the data objective leaves them out of the perceptual
+            term.
+        """
+        if cond is None or dropout <= 0:
+            return cond, None
+        device = C.first(cond).device
+        drop = torch.rand(size, generator=generator, device=device) < dropout
+        return C.where(drop, self.null_condition(cond), cond), drop
 
     def check_cached(self, cached: Conditioning, size: int) -> Conditioning:
         """Cached prompt embeddings, checked against what :meth:`encode_prompts` returns.

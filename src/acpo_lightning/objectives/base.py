@@ -31,8 +31,10 @@ class ObjectiveContext:
         device: where the step runs.
         training: whether the step trains (prompt dropout applies).
         w_anchor: the anchor weight for this step (a detached copy).
-        anchor_on: whether the anchor network runs (off in penalty mode with weight 0).
+        anchor_on: whether the anchor term trains (off in penalty mode with weight 0).
         guidance_scale: CFG scale of samples (``generate``'s default).
+        measure_drift: with ``anchor_on`` off, whether the anchor still runs, without gradient,
+            so that the logged drift is measured (penalty mode at weight 0 with an anchor).
     """
 
     process: DiffusionProcess
@@ -45,6 +47,12 @@ class ObjectiveContext:
     w_anchor: Tensor
     anchor_on: bool
     guidance_scale: float
+    measure_drift: bool = False
+
+    @property
+    def drift_measured(self) -> bool:
+        """Whether the step's drift is a measurement (else it is not logged)."""
+        return self.anchor_on or self.measure_drift
 
 
 def has_targets(batch: dict) -> bool:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from acpo_lightning import losses
 from acpo_lightning.objectives.base import ObjectiveContext
@@ -12,6 +13,24 @@ from acpo_lightning.objectives.base import ObjectiveContext
 
 class DataObjective:
     """Noise real pairs; score the x0 estimates of the gated share of them.
+
+    The scored count of a step is ``floor(share x B)`` plus one with probability
+    ``frac(share x B)`` (:func:`~acpo_lightning.losses.scored_count`), and the perceptual term is
+    the sum of the scored samples' terms divided by the count expected of a step, so it is
+    unbiased for any per-process batch ``B``: at batch 1 and share 0.25 one step in four scores
+    its sample, with four times the weight. When ``share x B`` is whole, every step scores that
+    many and the term is their mean, as before.
+
+    A sample whose prompt was dropped (CFG training) is left out of the perceptual term: its
+    prediction is the unconditional one, which its caption does not describe (a prompt-aware head
+    would pull the unconditional branch towards the caption) and which an empty prompt gives a
+    prompt-aware head nothing it was trained to judge. The divisor is then the expected count of
+    kept scored samples, ``share x B x (1 - prompt_dropout)``, so the term stays the mean over
+    conditional samples in expectation. It is still decoded (which samples drop is not known on
+    the host without a device sync), so the cost does not change.
+
+    On a rollout step (``score=False``) every timestep is drawn as in plain diffusion training:
+    the perceptual term comes from the rollout, so no share is drawn from the gated range.
 
     Args:
         perceptual_share: share of each batch drawn from the gated times and scored; only those
@@ -25,7 +44,6 @@ class DataObjective:
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout={prompt_dropout} must be in [0, 1) (e.g. 0.1).")
         self.perceptual_share, self.prompt_dropout = perceptual_share, prompt_dropout
-        self._warned_share = False
 
     def terms(
         self,
@@ -38,26 +56,27 @@ class DataObjective:
     ) -> tuple[losses.ACPOTerms, dict[str, float]]:
         """One data step's terms and host-side stats (``perc_share``, the scored share).
 
-        With ``score=False`` no sample is decoded or scored (the perceptual term comes from a
-        rollout).
+        With ``score=False`` no sample is decoded or scored and every timestep is drawn as in
+        plain diffusion training (the perceptual term comes from a rollout).
         """
         x0 = ctx.codec.batch_latents(batch, generator, ctx.device)
         size = x0.shape[0]
         prompts = batch.get("prompts")
         dropout = self.prompt_dropout if ctx.training else 0.0
-        cond = ctx.denoiser.conditioning(prompts, size, dropout, generator, batch)
-        times, n_perc = ctx.process.sample_times(size, self.perceptual_share, generator)
-        if n_perc == 0 and self.perceptual_share > 0 and w_perc > 0 and score:
-            self._warn_share_rounds_to_zero(size)
+        cond = ctx.denoiser.conditioning(prompts, size, 0.0, generator, batch)
+        cond, dropped = ctx.denoiser.drop_prompts(cond, size, dropout, generator)
+        share = self.perceptual_share if score else 0.0
+        times, n_perc = ctx.process.sample_times(size, share, generator)
         noise = torch.randn(x0.shape, generator=generator, device=ctx.device, dtype=x0.dtype)
         noisy = ctx.process.add_noise(x0, noise, times)
         pred = ctx.denoiser.policy(noisy, times, cond)
         diff = losses.diffusion_loss(pred, ctx.process.target(x0, noise, times))
-        if ctx.anchor_on:
-            anchor = losses.anchor_penalty(pred, ctx.denoiser.anchor(noisy, times, cond))
-        else:
-            anchor = torch.zeros_like(diff)
+        drift = measured_drift(ctx, pred, lambda: ctx.denoiser.anchor(noisy, times, cond))
+        anchor = drift if ctx.anchor_on else torch.zeros_like(diff)
         count = n_perc if w_perc > 0 and score else 0
+        expected = losses.expected_count(share, size)
+        if dropped is not None:
+            expected *= 1.0 - dropout
         if count == 0:
             scores = pred.new_zeros(0, dtype=torch.float32)
             gate = torch.zeros(0, dtype=torch.bool, device=pred.device)
@@ -67,18 +86,24 @@ class DataObjective:
             )
             scores = ctx.score(x0_hat, prompts[:count] if prompts is not None else None, generator)
             gate = ctx.process.gate(times[:count])
-        terms = losses.acpo_objective(diff, anchor, scores, gate, w_diff, ctx.w_anchor, w_perc)
+            if dropped is not None:
+                gate = gate & ~dropped[:count].to(gate.device)
+        terms = losses.acpo_objective(
+            diff, anchor, scores, gate, w_diff, ctx.w_anchor, w_perc, expected
+        )
+        if drift is not None and not ctx.anchor_on:  # measured, not trained on (weight 0)
+            terms = terms._replace(anchor=drift.mean())
         return terms, {"perc_share": count / size}
 
-    def _warn_share_rounds_to_zero(self, size: int) -> None:
-        """Each process scores round(share x its own batch) samples; say so (once) when that is 0."""
-        if self._warned_share:
-            return
-        self._warned_share = True
-        share = self.perceptual_share
-        warnings.warn(
-            f"perceptual_share={share} x per-process batch size {size} rounds to 0: no sample of "
-            "this batch is scored, so the data objective's perceptual term is off. Raise "
-            f"perceptual_share to >= {0.5 / size:.2g} or the batch size.",
-            stacklevel=3,
-        )
+
+def measured_drift(
+    ctx: ObjectiveContext, pred: Tensor, anchor_output: Callable[[], Tensor]
+) -> Tensor | None:
+    """Per-sample drift from the anchor: with gradient when its term counts, measured without
+    gradient when ``ctx.measure_drift`` (penalty mode at weight 0), else ``None`` (not run)."""
+    if ctx.anchor_on:
+        return losses.anchor_penalty(pred, anchor_output())
+    if ctx.measure_drift:
+        with torch.no_grad():
+            return losses.anchor_penalty(pred.detach(), anchor_output())
+    return None

@@ -111,17 +111,42 @@ class ObjectiveMix:
         )
         total = samples + count
         anchor = (terms.anchor * samples + roll.anchor * count) / total
+        trained = anchor if ctx.anchor_on else torch.zeros_like(anchor)  # weight 0: measured only
         loss = losses.weighted_objective(
-            terms.diff, anchor, roll.perc, self.w_diff, ctx.w_anchor, self.w_perc
+            terms.diff, trained, roll.perc, self.w_diff, ctx.w_anchor, self.w_perc
         )
-        logged = {
-            "train/rollout_t": roll.timestep,
-            "train/rollout_iqa": roll.iqa,
-            "train/loss_anchor_rollout": roll.anchor.detach(),
-            "train/loss_anchor_data": terms.anchor.detach(),
-        }
+        logged = {"train/rollout_t": roll.timestep, "train/rollout_iqa": roll.iqa}
+        if ctx.drift_measured:
+            logged["train/loss_anchor_rollout"] = roll.anchor.detach()
+            logged["train/loss_anchor_data"] = terms.anchor.detach()
         terms = losses.ACPOTerms(loss, terms.diff, anchor, roll.perc, roll.iqa)
         return StepResult(terms, 1.0, total, logged, count)
+
+    def logged_terms(
+        self, stage: str, terms: losses.ACPOTerms, share: float, rollout: bool, drift: bool
+    ) -> dict[str, Tensor | float]:
+        """A step's values to log as ``stage/name`` (``loss`` and ``w_anchor`` aside).
+
+        ``loss_perc`` whenever the step has a perceptual term, 0 when this batch scored no
+        sample (what its loss holds), so that the epoch mean of ``loss`` is ``w_diff``,
+        ``w_anchor`` and ``w_perc`` times those of its parts; ``loss_anchor`` only where the
+        drift was measured (``drift``); ``iqa`` only where a sample was scored.
+
+        Args:
+            stage: ``train``, ``val`` or ``test``.
+            terms: the step's terms.
+            share: the scored share of the batch.
+            rollout: whether the perceptual term came from a rollout.
+            drift: whether the anchor ran, so that ``terms.anchor`` is a measured drift.
+        """
+        values: dict[str, Tensor | float] = {"loss_diff": terms.diff.detach(), "perc_share": share}
+        if drift:
+            values["loss_anchor"] = terms.anchor.detach()
+        if self.w_perc > 0 and (rollout or self.data.perceptual_share > 0):
+            values["loss_perc"] = terms.perc.detach()
+        if share > 0:
+            values["iqa"] = terms.iqa
+        return {f"{stage}/{name}": value for name, value in values.items()}
 
     def evaluate_rollout(
         self, ctx: ObjectiveContext, prompts: list[str], generator: torch.Generator

@@ -127,15 +127,17 @@ class RolloutObjective:
         timestep = run.timestep
         branches = run.predict_branches(policy, latents, cond, uncond, guidance)
         pred = combine_branches(branches, uses_guidance(uncond, guidance), guidance)
-        if ctx.anchor_on:
+        if ctx.drift_measured:
             # on the raw outputs, each CFG branch on its own: the guided combination would scale
             # the drift by up to (2g - 1)^2 and give it another meaning than the data samples' drift
             anchor_branches = run.predict_branches(
                 lambda x, t, c: denoiser.anchor(x, t, c), latents.detach(), cond, uncond, guidance
             )
-            per_output = losses.anchor_penalty(branches, anchor_branches)
+            # at weight 0 (penalty mode) the drift is measured without gradient
+            policy_branches = branches if ctx.anchor_on else branches.detach()
+            per_output = losses.anchor_penalty(policy_branches, anchor_branches)
             anchor = per_output.view(-1, count).mean(dim=0).mean()
-        else:  # penalty mode with w_anchor 0: the anchor network is not run
+        else:  # no anchor to measure against, or measure_drift off: the anchor is not run
             anchor = pred.new_zeros((), dtype=torch.float32)
         timesteps = timestep.expand(count)
         x0_hat = ctx.process.predicted_original(latents, pred.float(), timesteps, run)

@@ -37,7 +37,10 @@ class DiffusionProcess(nn.Module, ABC):
     def sample_times(
         self, size: int, share: float, generator: torch.Generator
     ) -> tuple[Tensor, int]:
-        """Training times for ``size`` samples; the first ``round(share * size)`` are gated ones.
+        """Training times for ``size`` samples; the first ``count`` are gated ones.
+
+        ``count`` is :func:`~acpo_lightning.losses.scored_count`: ``floor(share * size)`` plus one
+        with probability ``frac(share * size)``, so that its mean is ``share * size`` for any batch.
 
         Returns ``(times, count)``: ``times`` on the generator's device, ``count`` the gated ones.
         """

@@ -7,6 +7,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import Tensor
 
+from acpo_lightning import losses
 from acpo_lightning.processes.base import DiffusionProcess
 
 WEIGHTINGS = ("logit_normal", "uniform", "mode")
@@ -126,9 +127,7 @@ class FlowProcess(DiffusionProcess):
     ) -> tuple[Tensor, int]:
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"perceptual share must be in [0, 1], got {share}")
-        count = round(share * size)
+        count, _ = losses.scored_count(share, size, generator)
         device = generator.device
         late = torch.rand(count, generator=generator, device=device)
         late = (
