@@ -43,10 +43,24 @@ def sampler_indices(
 def prediction_indices(
     trainer: Any, dataloader_idx: int, batch_idx: int, count: int, rank: int
 ) -> list[int]:
-    """:func:`sampler_indices` of a prediction batch, with the batch size and world size of
-    ``trainer``'s prediction loader (``count`` and a single process without a trainer)."""
+    """Dataset indices of a prediction batch whose items carry no ``indices``.
+
+    Under a ``Trainer`` these are the indices Lightning's prediction loop records for each batch
+    (its loader's batch sampler is wrapped to keep them): exact for a short last batch, a shuffled
+    or a distributed sampler. Without them (no trainer, or a loader Lightning cannot wrap, such as
+    an iterable data set) :func:`sampler_indices` infers them from the batch sampler's batch size,
+    or from ``count`` in a single process without a trainer.
+    """
     loaders = trainer.predict_dataloaders if trainer is not None else None
     loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-    size = getattr(loader, "batch_size", None) or count
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    seen = getattr(
+        batch_sampler, "seen_batch_indices", None
+    )  # Lightning's _IndexBatchSamplerWrapper
+    if seen is not None and batch_idx < len(seen):
+        indices = list(seen[batch_idx])
+        if len(indices) == count and all(isinstance(i, int) for i in indices):
+            return indices
+    size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None)
     world = trainer.world_size if trainer is not None else 1
-    return sampler_indices(batch_idx, size, count, world, rank)
+    return sampler_indices(batch_idx, size or count, count, world, rank)
