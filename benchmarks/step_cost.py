@@ -240,8 +240,8 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         with autocast:
             if spec.get("draft"):
                 loss = draft_k1_loss(module, batch, args.chain_steps)
-            else:  # the real training step (rollout steps included); logging is a no-op without a Trainer
-                loss = module.training_step(batch, 0)
+            else:  # the real training step's loss (rollout steps included), without a Trainer
+                loss = module.step_result(batch, 0, 0).terms.loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

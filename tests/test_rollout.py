@@ -85,7 +85,7 @@ def test_nothing_changes_without_perceptual_and_data_terms(tokenizer_dir) -> Non
         tokenizer_dir, objective="rollout", w_perc=0.0, w_diff=0.0, rollout_steps=4, k_late=2
     )
     module.train()
-    loss = module.training_step(shapes_batch(), 0)
+    loss = module.step_result(shapes_batch(), 0, 0).terms.loss
     assert loss.item() == 0.0  # zero-init LoRA: no drift, no reward, no data term
     loss.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.trainable_parameters())

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from acpo_lightning import losses, seeding
 from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.assembly import PART_KNOBS, assemble
+from acpo_lightning.batch_format import check_pixel_values
 from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
 from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
@@ -26,6 +27,7 @@ from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
 from acpo_lightning.models.lora import load_lora, save_lora
 from acpo_lightning.objectives import ObjectiveContext, ObjectiveMix, batch_length, has_targets
+from acpo_lightning.objectives.mix import StepResult
 from acpo_lightning.processes import DiffusionProcess
 from acpo_lightning.quality.base import check_quality_head
 from acpo_lightning.sampling import sample_latents
@@ -178,6 +180,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.seed, self.num_inference_steps = seed, num_inference_steps
         self.guidance_scale, self.gradient_checkpointing = guidance_scale, gradient_checkpointing
         self._step_terms: dict[str, Tensor] = {}
+        self._checked_stages: set[str] = set()  # stages whose first image batch was checked
         self.strict_loading = False  # frozen weights are not in our checkpoints
 
     # ------------------------------------------------------------------ parts and set-up
@@ -265,8 +268,10 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return self.objectives.data_terms(self.context(), batch, generator, score)
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        step = self.global_step
+    def step_result(self, batch: dict, batch_idx: int, step: int) -> StepResult:
+        """Training step ``step``'s objective on ``batch``, with that step's seeds: what
+        :meth:`training_step` computes, without a Trainer (no logging, no non-finite guard and no
+        anchor-weight update; for cost measurements and notebooks)."""
         use_rollout = self.objectives.is_rollout_step(self.host_generator("train", step, batch_idx))
         # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
         # it equals the step generator's seed, as in a single-process run
@@ -274,9 +279,12 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             seeding.step_seed(self.seed, "train", step, batch_idx, 0)
         )
         generator = self.step_generator("train", step, batch_idx)
-        result = self.objectives.training_step(
-            self.context(), batch, generator, use_rollout, choice
-        )
+        return self.objectives.training_step(self.context(), batch, generator, use_rollout, choice)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self._require_trainer()
+        self._check_batch("train", batch)
+        result = self.step_result(batch, batch_idx, self.global_step)
         terms = result.terms
         if result.rollout:
             count = result.rollout_count
@@ -288,6 +296,33 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             name: value.detach() for name, value in zip(names, terms[:4], strict=True)
         }
         return terms.loss
+
+    def _require_trainer(self) -> None:
+        """Refuse a training step outside ``Trainer.fit``: the step's seeds, the guard, the dual
+        ascent and ``setup()`` all come from the Trainer's loop (README, "From Python")."""
+        if self._trainer is None:
+            where = "Lightning Fabric" if self._fabric is not None else "a loop without a Trainer"
+            raise RuntimeError(
+                f"ACPOModule.training_step was called from {where}; it trains under "
+                "Trainer.fit only: without the Trainer global_step stays 0 (every step repeats "
+                "its timesteps and noise), optimizer_step (the non-finite guard, the constraint "
+                "anchor's update) and setup() (gradient_checkpointing, the quality-head probe) "
+                "never run. Fix: pl.Trainer(...).fit(module, train_dataloaders=your_loader); "
+                "module.step_result(batch, batch_idx, step) gives a step's loss outside it."
+            )
+
+    def _check_batch(self, stage: str, batch: Any) -> None:
+        """Check the first image batch of ``stage`` (dtype, range, layout) with one clear line."""
+        if stage in self._checked_stages or not isinstance(batch, dict):
+            return
+        pixels = batch.get("pixel_values")
+        if pixels is None:  # cached latents or prompts only: nothing in image space to check
+            return
+        config = getattr(self.vae, "config", None)
+        channels = getattr(config, "in_channels", 3) if self.vae is not None else None
+        channels = channels or self.denoiser.latent_shape()[0]  # a pixel-space denoiser's input
+        check_pixel_values(pixels, channels)
+        self._checked_stages.add(stage)
 
     def _log_terms(self, stage: str, terms: losses.ACPOTerms, share: float, size: int) -> None:
         on_step = stage == "train"
@@ -307,6 +342,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.log(f"{stage}/loss", terms.loss.detach(), prog_bar=True, **log)
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
+        self._check_batch(stage, batch)
         generator = self.step_generator(stage, 0, batch_idx)
         if not has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             prompts = list(batch["prompts"])
