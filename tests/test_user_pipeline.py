@@ -132,3 +132,27 @@ def test_step_result_is_the_training_steps_loss_outside_a_trainer(tokenizer_dir,
     loader = DataLoader([batch], batch_size=None)
     _trainer(tmp_path, max_steps=1, callbacks=[Keep()]).fit(module, loader)
     torch.testing.assert_close(seen[0], outside, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("base", "overlay"),
+    [
+        ("acpo.yaml", "tiny.yaml"),
+        ("sdxl.yaml", "tiny_sdxl.yaml"),
+        ("sd35.yaml", "tiny_sd3.yaml"),
+        ("flux.yaml", "tiny_flux.yaml"),
+        ("ddpm_church.yaml", "tiny_pixel.yaml"),
+    ],
+)
+def test_tiny_overlays_load_in_the_main_process(base: str, overlay: str, capsys) -> None:
+    """The base configs' 4 image-loading workers only cost start-up time on a few tiny images."""
+    import yaml
+
+    from acpo_lightning.cli import main
+    from conftest import CONFIGS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / base), "--config", str(CONFIGS / overlay),
+              "--print_config"])  # fmt: skip
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["num_workers"] == 0
