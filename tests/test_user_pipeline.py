@@ -156,3 +156,141 @@ def test_tiny_overlays_load_in_the_main_process(base: str, overlay: str, capsys)
               "--print_config"])  # fmt: skip
     assert exit_info.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["num_workers"] == 0
+
+
+def test_the_step_seeds_are_computed_eagerly_inside_a_compiled_training_step() -> None:
+    """``Trainer.fit(torch.compile(module))`` compiles ``training_step``, which mixes its seeds
+    with numpy's uint64 arithmetic (dynamo's fake tensors have no uint64 shift)."""
+    from acpo_lightning import seeding
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        seed = seeding.step_seed(3, "train", 5, 0, 0) ^ seeding.host_seed(3, "train", 5, 0)
+        return x + seed % 1000
+
+    compiled = torch.compile(step, backend="eager")
+    expected = step(torch.zeros(()))
+    torch.testing.assert_close(compiled(torch.zeros(())), expected, rtol=0, atol=0)
+
+
+def _networks(tokenizer_dir) -> dict:
+    """Fresh networks equal to ``make_module``'s (same seeds): what a user passes to a reload."""
+    from acpo_lightning import testing as T
+    from acpo_lightning.models import add_lora
+
+    torch.manual_seed(0)
+    return {
+        "unet": add_lora(T.tiny_unet(sample_size=16), rank=4),
+        "quality_head": T.TinyQualityHead(),
+        "noise_scheduler": T.tiny_scheduler(),
+        "vae": T.tiny_vae(),
+        "text_encoder": T.tiny_text_encoder(),
+        "tokenizer": T.tiny_tokenizer(str(tokenizer_dir)),
+    }
+
+
+@pytest.mark.parametrize("crop", [16, "PerceptualCrop(16, count=2, margin=1)"])
+def test_a_reloaded_module_keeps_its_perceptual_crop(tokenizer_dir, tmp_path, crop) -> None:
+    from acpo_lightning.crops import PerceptualCrop
+
+    given = crop if isinstance(crop, int) else PerceptualCrop(16, count=2, margin=1)
+    module = make_module(tokenizer_dir, perceptual_crop=given)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, DataLoader([shapes_batch(2)], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    loaded = ACPOModule.load_from_checkpoint(tmp_path / "run.ckpt", **_networks(tokenizer_dir))
+    assert repr(loaded.perceptual_crop) == repr(module.perceptual_crop)
+
+
+def test_a_bare_reload_says_that_checkpoints_hold_no_networks(tokenizer_dir, tmp_path) -> None:
+    module = make_module(tokenizer_dir)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, DataLoader([shapes_batch(2)], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"got no unet and no quality_head: .*never the networks"):
+        ACPOModule.load_from_checkpoint(tmp_path / "run.ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")  # one batch an epoch
+def test_reduce_lr_on_plateau_steps_per_epoch_on_its_monitor(tokenizer_dir, tmp_path) -> None:
+    from lightning.pytorch.cli import ReduceLROnPlateau
+
+    def factory(optimizer):
+        return ReduceLROnPlateau(optimizer, monitor="val/loss", patience=0, threshold=1e9)
+
+    module = make_module(tokenizer_dir, lr_scheduler=factory)
+    loader = DataLoader([shapes_batch(2)], batch_size=None)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, loader, loader)
+    (config,) = trainer.lr_scheduler_configs
+    assert (config.monitor, config.interval) == ("val/loss", "epoch")
+    # an improvement threshold no loss meets: every epoch is a plateau, so the LR drops by the
+    # default factor 0.1 at the end of each of the 2 one-step epochs
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.1**2)
+
+
+def test_a_plateau_scheduler_without_a_monitor_is_refused_with_the_fix(tokenizer_dir) -> None:
+    module = make_module(
+        tokenizer_dir, lr_scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o)
+    )
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau without the metric.*monitor="):
+        module.configure_optimizers()
+
+
+def _readme_block(after: str) -> str:
+    """The first ```python block of the README after the line that starts with ``after``."""
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```\n", start)]
+
+
+def _write_tiny_pipeline(directory) -> str:
+    """A local model folder in the hub's layout, with the tiny models ``configs/tiny.yaml`` builds."""
+    from acpo_lightning import testing as T
+
+    T.tiny_unet().save_pretrained(directory / "unet")
+    T.tiny_vae().save_pretrained(directory / "vae")
+    T.tiny_text_encoder().save_pretrained(directory / "text_encoder")
+    T.tiny_tokenizer().save_pretrained(directory / "tokenizer")
+    T.tiny_scheduler().save_pretrained(directory / "scheduler")
+    return str(directory)
+
+
+@pytest.mark.slow
+def test_the_readmes_load_from_checkpoint_block_reloads_a_fit_checkpoint(
+    tmp_path, monkeypatch
+) -> None:
+    """The README's block, run as written, on a checkpoint of ``acpo fit`` (tiny overlay, LoRA
+    rank 16 as in the block); the names it takes from the "From Python" block above it are bound
+    to their tiny equivalents (``sd`` a local model folder, the head a tiny one)."""
+    import shutil
+    import warnings
+
+    from acpo_lightning import models
+    from acpo_lightning import testing as T
+    from acpo_lightning.cli import main
+    from conftest import CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    configs = ["--config", str(CONFIGS / "acpo.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
+    lora = ["--model.unet.init_args.rank", "16", "--model.unet.init_args.alpha", "16"]
+    main(["fit", *configs, *lora, "--trainer.max_steps", "2", "--trainer.logger", "false"])
+    checkpoint = tmp_path / "outputs/acpo/checkpoints/last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "outputs/tiny/checkpoints/last.ckpt", checkpoint)
+
+    names = {name: getattr(models, name) for name in ("add_lora", "load_unet", "load_scheduler",
+             "load_vae", "load_text_encoder", "load_tokenizer")}  # fmt: skip
+    namespace = {**names, "ACPOModule": ACPOModule, "sd": _write_tiny_pipeline(tmp_path / "sd")}
+    namespace["PyiqaQualityHead"] = lambda name: T.TinyQualityHead()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(_readme_block("A checkpoint holds the trained LoRA"), namespace)
+    assert not [w for w in caught if "instantiate_classes" in str(w.message)]
+    module = namespace["module"]
+    assert repr(module.perceptual_crop) == "PerceptualCrop(size=16, count=1, margin=4)"
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    lora_weights = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+    assert lora_weights and all(torch.equal(saved[k], v) for k, v in lora_weights.items())
+    assert namespace["images"].shape == (1, 3, 32, 32)

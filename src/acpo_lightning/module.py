@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -159,7 +160,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     ) -> None:
         super().__init__()
         knobs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS, "perceptual_crop"])
+        if isinstance(perceptual_crop, PerceptualCrop):  # saved as a value a reload reads back
+            perceptual_crop = perceptual_crop.as_hparam()  # save_hyperparameters reads the local
+        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS])
         parts = assemble(knobs, _DEFAULTS)
         self.process, self.denoiser, self.guard = parts.process, parts.denoiser, parts.guard
         self.sample_scheduler, self.objectives = parts.sample_scheduler, parts.objectives
@@ -169,7 +172,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.quality_head, self.vae, self.perceptual_decoder = quality_head, vae, perceptual_decoder
         self.noise_scheduler, self.tokenizer = noise_scheduler, tokenizer  # as given, for reloads
         # image_size builds the codec: this validates the decoders now
-        self.perceptual_crop = as_crop(perceptual_crop, self.image_size, self.codec.scale_factor)
+        crop = knobs["perceptual_crop"]
+        self.perceptual_crop = as_crop(crop, self.image_size, self.codec.scale_factor)
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         for frozen in self.frozen_modules():
             frozen.requires_grad_(False).eval()
@@ -182,6 +186,45 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self._step_terms: dict[str, Tensor] = {}
         self._checked_stages: set[str] = set()  # stages whose first image batch was checked
         self.strict_loading = False  # frozen weights are not in our checkpoints
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any
+    ) -> ACPOModule:
+        """Rebuild a module from a checkpoint and the networks it was built with.
+
+        A checkpoint holds the trained weights (the LoRA), the parts' trained state and the
+        hyper-parameters, never a network: pass them as keyword arguments, as to the constructor
+        (``unet=...``, ``quality_head=...``, ...). Other arguments are
+        :meth:`TrainedStateCheckpoints.load_from_checkpoint`'s.
+
+        Raises:
+            ValueError: no policy network or no quality head was passed (names both and the fix).
+        """
+        missing = [name for name in ("unet", "quality_head") if kwargs.get(name) is None]
+        if "unet" in missing and kwargs.get("denoiser") is not None:
+            missing.remove("unet")
+        if missing:
+            raise ValueError(
+                f"ACPOModule.load_from_checkpoint({str(checkpoint_path)!r}) got no "
+                f"{' and no '.join(missing)}: a checkpoint holds the trained LoRA, the trained "
+                "state and the hyper-parameters, never the networks. Fix: pass the networks the "
+                "module was built with, e.g. load_from_checkpoint(path, unet=add_lora(load_unet("
+                "sd), rank=16), quality_head=..., noise_scheduler=..., vae=..., text_encoder=..., "
+                'tokenizer=...) (README, "From Python").'
+            )
+        with warnings.catch_warnings():
+            # a checkpoint written by the CLI is rebuilt through Lightning's instantiate_module,
+            # which calls jsonargparse's deprecated instantiate_classes (Lightning 2.6, jsonargparse
+            # >= 4.49): their warning, about their code, which no argument of ours avoids
+            for message in (
+                "By default only one JsonargparseDeprecationWarning",
+                "``instantiate_classes`` was",
+            ):
+                warnings.filterwarnings(
+                    "ignore", message=rf"\s*{message}", category=DeprecationWarning
+                )
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ parts and set-up
     def frozen_modules(self) -> list[nn.Module]:
@@ -466,8 +509,13 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": _plateau_config(scheduler)}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
@@ -477,6 +525,20 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     def load_lora(self, path: str | Path) -> None:
         """Load an adapter written by :meth:`save_lora` into the policy network."""
         load_lora(self.denoiser.trained, path, self.denoiser.trained_name)
+
+
+def _plateau_config(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> dict[str, Any]:
+    """Lightning's scheduler entry for a ``ReduceLROnPlateau``: stepped once per epoch (after
+    validation) on the metric its ``monitor`` names (Lightning's ``cli.ReduceLROnPlateau`` has one)."""
+    monitor = getattr(scheduler, "monitor", None)
+    if not monitor:
+        raise ValueError(
+            f"lr_scheduler built a {type(scheduler).__name__} without the metric it watches; "
+            "ACPOModule passes Lightning the scheduler's own `monitor`. Fix: use "
+            'lightning.pytorch.cli.ReduceLROnPlateau(optimizer, monitor="val/loss") (in YAML: '
+            "class_path: lightning.pytorch.cli.ReduceLROnPlateau, init_args: {monitor: val/loss})."
+        )
+    return {"scheduler": scheduler, "monitor": monitor, "interval": "epoch"}
 
 
 _DEFAULTS = {

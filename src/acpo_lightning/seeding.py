@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 
 
+# Host-side integer mixing, never traced: under ``torch.compile(module)`` (Lightning compiles its
+# training_step) dynamo would trace numpy's uint64 arithmetic, which its fake tensors do not support.
+@torch.compiler.disable
 def step_seed(seed: int, stage: str, step: int, batch_idx: int, rank: int) -> int:
     """A 63-bit seed mixed from its words by ``numpy.random.SeedSequence``.
 
@@ -22,6 +26,7 @@ def step_seed(seed: int, stage: str, step: int, batch_idx: int, rank: int) -> in
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+@torch.compiler.disable
 def host_seed(seed: int, stage: str, step: int, batch_idx: int) -> int:
     """The seed of host-side choices: rank-free, so every process makes the same choice."""
     return step_seed(seed, stage, step, batch_idx, 0) ^ 0x5EED
