@@ -294,3 +294,21 @@ def test_the_readmes_load_from_checkpoint_block_reloads_a_fit_checkpoint(
     lora_weights = {k: v for k, v in module.state_dict().items() if "lora_" in k}
     assert lora_weights and all(torch.equal(saved[k], v) for k, v in lora_weights.items())
     assert namespace["images"].shape == (1, 3, 32, 32)
+
+
+def test_every_folder_of_the_library_is_a_listed_package() -> None:
+    """setuptools warns at ``pip install`` ("importable package ... absent from `packages`") for
+    a folder Python can import but the configuration leaves out: ``callbacks/prompt_lists``, which
+    holds the shipped prompt lists and no ``__init__.py``."""
+    from setuptools.config.setupcfg import read_configuration
+
+    from conftest import REPO
+
+    packages = set(read_configuration(REPO / "setup.cfg")["options"]["packages"])
+    src = REPO / "src"
+    folders = {
+        ".".join(path.relative_to(src).parts)
+        for path in (src / "acpo_lightning").rglob("*")
+        if path.is_dir() and "__pycache__" not in path.parts
+    } | {"acpo_lightning"}
+    assert folders == packages
