@@ -312,3 +312,15 @@ def test_every_folder_of_the_library_is_a_listed_package() -> None:
         if path.is_dir() and "__pycache__" not in path.parts
     } | {"acpo_lightning"}
     assert folders == packages
+
+
+@pytest.mark.parametrize("subcommand", ["export", "cache-latents", "fit"])
+def test_help_names_every_type_readably(subcommand: str, capsys) -> None:
+    """``--help`` prints each option's type; a function object's repr is no type to a reader."""
+    from acpo_lightning.cli import main
+
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    text = capsys.readouterr().out
+    assert "--format" in text or subcommand != "export"
+    assert "<function" not in text and " at 0x" not in text
