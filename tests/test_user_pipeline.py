@@ -275,7 +275,12 @@ def test_the_readmes_load_from_checkpoint_block_reloads_a_fit_checkpoint(
     monkeypatch.chdir(tmp_path)
     configs = ["--config", str(CONFIGS / "acpo.yaml"), "--config", str(CONFIGS / "tiny.yaml")]
     lora = ["--model.unet.init_args.rank", "16", "--model.unet.init_args.alpha", "16"]
-    main(["fit", *configs, *lora, "--trainer.max_steps", "2", "--trainer.logger", "false"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", *configs, *lora, "--trainer.max_steps", "2", "--trainer.logger", "false"])
+    # the config saved for `acpo export` is written after ModelCheckpoint checked its folder
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert (tmp_path / "outputs/tiny/checkpoints/config.yaml").is_file()
     checkpoint = tmp_path / "outputs/acpo/checkpoints/last.ckpt"
     checkpoint.parent.mkdir(parents=True)
     shutil.copy(tmp_path / "outputs/tiny/checkpoints/last.ckpt", checkpoint)
