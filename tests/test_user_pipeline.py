@@ -92,7 +92,7 @@ def test_a_bad_pixel_batch_is_refused_at_the_first_step_naming_its_format(
 
 def test_zero_one_images_warn_once_in_one_line(tokenizer_dir, tmp_path) -> None:
     pixels = (shapes_batch(4)["pixel_values"] + 1) / 2
-    module = make_module(tokenizer_dir)
+    module = make_module(tokenizer_dir, perceptual_share=0.5)  # a scored sample per batch of 2
     with pytest.warns(UserWarning, match=r"as \[0, 1\] images would.*x \* 2 - 1") as record:
         _trainer(tmp_path, max_steps=2).fit(module, _images_loader(pixels))
     mine = [w for w in record if "pixel_values" in str(w.message)]
@@ -119,10 +119,12 @@ def test_lightning_fabric_is_refused_at_the_first_step(tokenizer_dir) -> None:
 
 def test_step_result_is_the_training_steps_loss_outside_a_trainer(tokenizer_dir, tmp_path) -> None:
     """The documented way out of the refusal computes what ``fit``'s first step computes."""
+    from acpo_lightning.in_trainer import step_result
+
     module = make_module(tokenizer_dir, lora_init=False, perceptual_share=0.5)
     batch = shapes_batch(2)
     module.train()
-    outside = module.step_result(batch, 0, 0).terms.loss.detach()
+    outside = step_result(module, batch, 0, 0).terms.loss.detach()
     seen = []
 
     class Keep(pl.Callback):
@@ -193,7 +195,7 @@ def test_a_reloaded_module_keeps_its_perceptual_crop(tokenizer_dir, tmp_path, cr
     from acpo_lightning.crops import PerceptualCrop
 
     given = crop if isinstance(crop, int) else PerceptualCrop(16, count=2, margin=1)
-    module = make_module(tokenizer_dir, perceptual_crop=given)
+    module = make_module(tokenizer_dir, perceptual_crop=given, perceptual_share=0.5)
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(module, DataLoader([shapes_batch(2)], batch_size=None))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
@@ -202,7 +204,7 @@ def test_a_reloaded_module_keeps_its_perceptual_crop(tokenizer_dir, tmp_path, cr
 
 
 def test_a_bare_reload_says_that_checkpoints_hold_no_networks(tokenizer_dir, tmp_path) -> None:
-    module = make_module(tokenizer_dir)
+    module = make_module(tokenizer_dir, perceptual_share=0.5)
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(module, DataLoader([shapes_batch(2)], batch_size=None))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
@@ -217,7 +219,7 @@ def test_reduce_lr_on_plateau_steps_per_epoch_on_its_monitor(tokenizer_dir, tmp_
     def factory(optimizer):
         return ReduceLROnPlateau(optimizer, monitor="val/loss", patience=0, threshold=1e9)
 
-    module = make_module(tokenizer_dir, lr_scheduler=factory)
+    module = make_module(tokenizer_dir, lr_scheduler=factory, perceptual_share=0.5)
     loader = DataLoader([shapes_batch(2)], batch_size=None)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, loader, loader)

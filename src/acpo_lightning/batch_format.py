@@ -27,8 +27,9 @@ def check_pixel_values(pixels: Tensor, channels: int) -> None:
 
     Example:
         >>> import torch
-        >>> check_pixel_values(torch.zeros(2, 3, 8, 8), 3)
-        >>> check_pixel_values(torch.zeros(2, 8, 8, 3), 3)
+        >>> images = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+        >>> check_pixel_values(images, 3)
+        >>> check_pixel_values(images.permute(0, 2, 3, 1), 3)
         Traceback (most recent call last):
         ...
         ValueError: pixel_values has shape [2, 8, 8, 3], channels last ([B, H, W, C]); ACPOModule expects [B, 3, H, W] (channels first): convert with pixel_values.permute(0, 3, 1, 2) in your dataset or collate function.

@@ -106,6 +106,11 @@ class PerceptualCrop:
                      (top - row0) * scale_factor, (left - col0) * scale_factor, self)  # fmt: skip
 
 
+def crop_hparam(crop: PerceptualCrop | None) -> int | dict[str, Any] | None:
+    """``crop`` as the hyper-parameter a checkpoint stores (see :meth:`PerceptualCrop.as_hparam`)."""
+    return crop.as_hparam() if crop is not None else None
+
+
 def as_crop(
     value: int | PerceptualCrop | Mapping[str, Any] | None,
     image_size: tuple[int, int],

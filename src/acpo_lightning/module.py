@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -15,20 +14,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning import losses, seeding
+from acpo_lightning import in_trainer, losses, seeding
 from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.assembly import PART_KNOBS, assemble
-from acpo_lightning.batch_format import check_pixel_values
 from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
 from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
-from acpo_lightning.crops import PerceptualCrop, as_crop
+from acpo_lightning.crops import PerceptualCrop, as_crop, crop_hparam
 from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
 from acpo_lightning.models.lora import load_lora, save_lora
 from acpo_lightning.objectives import ObjectiveContext, ObjectiveMix, batch_length, has_targets
-from acpo_lightning.objectives.mix import StepResult
 from acpo_lightning.processes import DiffusionProcess
 from acpo_lightning.quality.base import check_quality_head
 from acpo_lightning.sampling import sample_latents
@@ -41,7 +38,7 @@ _NETWORK_ARGUMENTS = ("unet", "quality_head", "noise_scheduler", "vae", "text_en
     "anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler", "perceptual_decoder")  # fmt: skip
 
 
-class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
+class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.LightningModule):
     """Fine-tune a diffusion model with ACPO: diffusion loss + anchor constraint + perceptual reward.
 
     Every network is injected; nothing is downloaded or built here. The flat keyword arguments
@@ -160,9 +157,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     ) -> None:
         super().__init__()
         knobs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if isinstance(perceptual_crop, PerceptualCrop):  # saved as a value a reload reads back
-            perceptual_crop = perceptual_crop.as_hparam()  # save_hyperparameters reads the local
-        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS])
+        self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS, "perceptual_crop"])
         parts = assemble(knobs, _DEFAULTS)
         self.process, self.denoiser, self.guard = parts.process, parts.denoiser, parts.guard
         self.sample_scheduler, self.objectives = parts.sample_scheduler, parts.objectives
@@ -172,8 +167,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.quality_head, self.vae, self.perceptual_decoder = quality_head, vae, perceptual_decoder
         self.noise_scheduler, self.tokenizer = noise_scheduler, tokenizer  # as given, for reloads
         # image_size builds the codec: this validates the decoders now
-        crop = knobs["perceptual_crop"]
-        self.perceptual_crop = as_crop(crop, self.image_size, self.codec.scale_factor)
+        self.perceptual_crop = as_crop(perceptual_crop, self.image_size, self.codec.scale_factor)
+        self.save_hyperparameters({"perceptual_crop": crop_hparam(self.perceptual_crop)})
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         for frozen in self.frozen_modules():
             frozen.requires_grad_(False).eval()
@@ -184,47 +179,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.seed, self.num_inference_steps = seed, num_inference_steps
         self.guidance_scale, self.gradient_checkpointing = guidance_scale, gradient_checkpointing
         self._step_terms: dict[str, Tensor] = {}
-        self._checked_stages: set[str] = set()  # stages whose first image batch was checked
         self.strict_loading = False  # frozen weights are not in our checkpoints
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any
-    ) -> ACPOModule:
-        """Rebuild a module from a checkpoint and the networks it was built with.
-
-        A checkpoint holds the trained weights (the LoRA), the parts' trained state and the
-        hyper-parameters, never a network: pass them as keyword arguments, as to the constructor
-        (``unet=...``, ``quality_head=...``, ...). Other arguments are
-        :meth:`TrainedStateCheckpoints.load_from_checkpoint`'s.
-
-        Raises:
-            ValueError: no policy network or no quality head was passed (names both and the fix).
-        """
-        missing = [name for name in ("unet", "quality_head") if kwargs.get(name) is None]
-        if "unet" in missing and kwargs.get("denoiser") is not None:
-            missing.remove("unet")
-        if missing:
-            raise ValueError(
-                f"ACPOModule.load_from_checkpoint({str(checkpoint_path)!r}) got no "
-                f"{' and no '.join(missing)}: a checkpoint holds the trained LoRA, the trained "
-                "state and the hyper-parameters, never the networks. Fix: pass the networks the "
-                "module was built with, e.g. load_from_checkpoint(path, unet=add_lora(load_unet("
-                "sd), rank=16), quality_head=..., noise_scheduler=..., vae=..., text_encoder=..., "
-                'tokenizer=...) (README, "From Python").'
-            )
-        with warnings.catch_warnings():
-            # a checkpoint written by the CLI is rebuilt through Lightning's instantiate_module,
-            # which calls jsonargparse's deprecated instantiate_classes (Lightning 2.6, jsonargparse
-            # >= 4.49): their warning, about their code, which no argument of ours avoids
-            for message in (
-                "By default only one JsonargparseDeprecationWarning",
-                "``instantiate_classes`` was",
-            ):
-                warnings.filterwarnings(
-                    "ignore", message=rf"\s*{message}", category=DeprecationWarning
-                )
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ parts and set-up
     def frozen_modules(self) -> list[nn.Module]:
@@ -311,23 +266,10 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         return self.objectives.data_terms(self.context(), batch, generator, score)
 
     # ------------------------------------------------------------------ steps
-    def step_result(self, batch: dict, batch_idx: int, step: int) -> StepResult:
-        """Training step ``step``'s objective on ``batch``, with that step's seeds: what
-        :meth:`training_step` computes, without a Trainer (no logging, no non-finite guard and no
-        anchor-weight update; for cost measurements and notebooks)."""
-        use_rollout = self.objectives.is_rollout_step(self.host_generator("train", step, batch_idx))
-        # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
-        # it equals the step generator's seed, as in a single-process run
-        choice = torch.Generator().manual_seed(
-            seeding.step_seed(self.seed, "train", step, batch_idx, 0)
-        )
-        generator = self.step_generator("train", step, batch_idx)
-        return self.objectives.training_step(self.context(), batch, generator, use_rollout, choice)
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self._require_trainer()
-        self._check_batch("train", batch)
-        result = self.step_result(batch, batch_idx, self.global_step)
+        in_trainer.refuse_outside_trainer(self)
+        in_trainer.check_first_batch(self, "train", batch)
+        result = in_trainer.step_result(self, batch, batch_idx, self.global_step)
         terms = result.terms
         if result.rollout:
             count = result.rollout_count
@@ -339,33 +281,6 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
             name: value.detach() for name, value in zip(names, terms[:4], strict=True)
         }
         return terms.loss
-
-    def _require_trainer(self) -> None:
-        """Refuse a training step outside ``Trainer.fit``: the step's seeds, the guard, the dual
-        ascent and ``setup()`` all come from the Trainer's loop (README, "From Python")."""
-        if self._trainer is None:
-            where = "Lightning Fabric" if self._fabric is not None else "a loop without a Trainer"
-            raise RuntimeError(
-                f"ACPOModule.training_step was called from {where}; it trains under "
-                "Trainer.fit only: without the Trainer global_step stays 0 (every step repeats "
-                "its timesteps and noise), optimizer_step (the non-finite guard, the constraint "
-                "anchor's update) and setup() (gradient_checkpointing, the quality-head probe) "
-                "never run. Fix: pl.Trainer(...).fit(module, train_dataloaders=your_loader); "
-                "module.step_result(batch, batch_idx, step) gives a step's loss outside it."
-            )
-
-    def _check_batch(self, stage: str, batch: Any) -> None:
-        """Check the first image batch of ``stage`` (dtype, range, layout) with one clear line."""
-        if stage in self._checked_stages or not isinstance(batch, dict):
-            return
-        pixels = batch.get("pixel_values")
-        if pixels is None:  # cached latents or prompts only: nothing in image space to check
-            return
-        config = getattr(self.vae, "config", None)
-        channels = getattr(config, "in_channels", 3) if self.vae is not None else None
-        channels = channels or self.denoiser.latent_shape()[0]  # a pixel-space denoiser's input
-        check_pixel_values(pixels, channels)
-        self._checked_stages.add(stage)
 
     def _log_terms(self, stage: str, terms: losses.ACPOTerms, share: float, size: int) -> None:
         on_step = stage == "train"
@@ -385,7 +300,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.log(f"{stage}/loss", terms.loss.detach(), prog_bar=True, **log)
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
-        self._check_batch(stage, batch)
+        in_trainer.check_first_batch(self, stage, batch)
         generator = self.step_generator(stage, 0, batch_idx)
         if not has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             prompts = list(batch["prompts"])
@@ -509,13 +424,8 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            return {"optimizer": optimizer, "lr_scheduler": _plateau_config(scheduler)}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        scheduler = in_trainer.lr_scheduler_entry(self.lr_scheduler_factory(optimizer))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` format)."""
@@ -525,20 +435,6 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
     def load_lora(self, path: str | Path) -> None:
         """Load an adapter written by :meth:`save_lora` into the policy network."""
         load_lora(self.denoiser.trained, path, self.denoiser.trained_name)
-
-
-def _plateau_config(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> dict[str, Any]:
-    """Lightning's scheduler entry for a ``ReduceLROnPlateau``: stepped once per epoch (after
-    validation) on the metric its ``monitor`` names (Lightning's ``cli.ReduceLROnPlateau`` has one)."""
-    monitor = getattr(scheduler, "monitor", None)
-    if not monitor:
-        raise ValueError(
-            f"lr_scheduler built a {type(scheduler).__name__} without the metric it watches; "
-            "ACPOModule passes Lightning the scheduler's own `monitor`. Fix: use "
-            'lightning.pytorch.cli.ReduceLROnPlateau(optimizer, monitor="val/loss") (in YAML: '
-            "class_path: lightning.pytorch.cli.ReduceLROnPlateau, init_args: {monitor: val/loss})."
-        )
-    return {"scheduler": scheduler, "monitor": monitor, "interval": "epoch"}
 
 
 _DEFAULTS = {
