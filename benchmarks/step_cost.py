@@ -226,6 +226,8 @@ def draft_k1_loss(module, batch: dict, steps: int) -> torch.Tensor:
 
 
 def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    from acpo_lightning.in_trainer import step_result
+
     torch.set_num_threads(args.threads)
     spec = VARIANTS[name]
     module = build(args, spec)
@@ -250,8 +252,8 @@ def run_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
         with autocast:
             if spec.get("draft"):
                 loss = draft_k1_loss(module, batch, args.chain_steps)
-            else:  # the real training step (rollout steps included); logging is a no-op without a Trainer
-                loss = module.training_step(batch, 0)
+            else:  # the real training step's loss (rollout steps included), without a Trainer
+                loss = step_result(module, batch, 0, 0).terms.loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -296,6 +296,8 @@ def test_perceptual_crop_in_its_class_form_trains(tmp_path, monkeypatch) -> None
     )
     spec = cli.model.perceptual_crop
     assert (spec.size, spec.count, spec.margin) == (8, 3, 1) and cli.trainer.global_step == 1
+    (tmp_path / "int").mkdir()
+    monkeypatch.chdir(tmp_path / "int")  # a fresh outputs/: the first run's checkpoints stay apart
     cli = build_cli(["fit", *_config_args("tiny.yaml"), "--trainer.max_steps", "1"])
     spec = cli.model.perceptual_crop
     assert (spec.size, spec.count, spec.margin) == (16, 1, 4)  # configs/tiny.yaml: 16

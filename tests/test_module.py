@@ -174,6 +174,8 @@ def test_frozen_parts_stay_eval_and_out_of_checkpoint(tokenizer_dir, tmp_path) -
             torch.testing.assert_close(dict(fresh.named_parameters())[name], param, rtol=0, atol=0)
 
 
+# the second adapter is the point of the test: peft's notice that the model now has two is expected
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
 def test_checkpoint_from_another_adapter_is_refused(tokenizer_dir) -> None:
     state = {
         k: v for k, v in make_module(tokenizer_dir, rank=4).state_dict().items() if "lora" in k

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from acpo_lightning.in_trainer import step_result
 from acpo_lightning.sampling import denoise
 from conftest import make_module, rollout_terms, shapes_batch
 
@@ -85,7 +86,7 @@ def test_nothing_changes_without_perceptual_and_data_terms(tokenizer_dir) -> Non
         tokenizer_dir, objective="rollout", w_perc=0.0, w_diff=0.0, rollout_steps=4, k_late=2
     )
     module.train()
-    loss = module.training_step(shapes_batch(), 0)
+    loss = step_result(module, shapes_batch(), 0, 0).terms.loss
     assert loss.item() == 0.0  # zero-init LoRA: no drift, no reward, no data term
     loss.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in module.trainable_parameters())

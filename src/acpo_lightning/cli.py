@@ -268,6 +268,18 @@ class ACPOCLI(LightningCLI):
                 fail(explained)
             fail(error)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's, without its notice that ``args`` and ``sys.argv`` are both given: ``main(
+        args)`` from Python (a notebook, a test, the demo) parses ``args`` only, and the caller's
+        own ``sys.argv`` is not meant for it."""
+        argv = sys.argv
+        if args is not None:
+            sys.argv = argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
     def _set_seed(self) -> None:
         if not self._runs_a_tool():  # a tool draws no random numbers: no seed, no log line
             super()._set_seed()
@@ -357,6 +369,16 @@ class ACPOSaveConfigCallback(SaveConfigCallback):
     """Save the config to the log folder and, for ``acpo export``, next to the checkpoints."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Defer the copy next to the checkpoints to :meth:`on_fit_start` (rank 0 calls this)."""
+        self._pending_checkpoint_copy = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the config next to the checkpoints, after every callback's ``setup``: written in
+        ``setup`` it put a file in ``ModelCheckpoint``'s folder before that callback's own
+        ``setup``, which then warned "exists and is not empty" on every fit."""
+        if not getattr(self, "_pending_checkpoint_copy", False):
+            return
+        self._pending_checkpoint_copy = False
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath:

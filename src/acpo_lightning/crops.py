@@ -18,7 +18,8 @@ attention: with ``margin >= conv_reach`` its crops equal the full decode to floa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,15 @@ class PerceptualCrop:
     def shape(self) -> tuple[int, int]:
         """``(H, W)`` of a crop: what the quality head sees."""
         return self.size, self.size
+
+    def as_hparam(self) -> int | dict[str, Any]:
+        """This crop as a hyper-parameter that checkpoints store and ``as_crop`` (and a config)
+        read back: the side alone at the default count and margin, else a ``class_path`` entry."""
+        default = PerceptualCrop(self.size)
+        if (self.count, self.margin) == (default.count, default.margin):
+            return self.size
+        fields = {"size": self.size, "count": self.count, "margin": self.margin}
+        return {"class_path": f"{__name__}.PerceptualCrop", "init_args": fields}
 
     def __repr__(self) -> str:
         return f"PerceptualCrop(size={self.size}, count={self.count}, margin={self.margin})"
@@ -107,15 +117,25 @@ class PerceptualCrop:
                      (top - row0) * scale_factor, (left - col0) * scale_factor, self)  # fmt: skip
 
 
+def crop_hparam(crop: PerceptualCrop | None) -> int | dict[str, Any] | None:
+    """``crop`` as the hyper-parameter a checkpoint stores (see :meth:`PerceptualCrop.as_hparam`)."""
+    return crop.as_hparam() if crop is not None else None
+
+
 def as_crop(
-    value: int | PerceptualCrop | None, image_size: tuple[int, int], scale_factor: int
+    value: int | PerceptualCrop | Mapping[str, Any] | None,
+    image_size: tuple[int, int],
+    scale_factor: int,
 ) -> PerceptualCrop | None:
-    """``perceptual_crop`` as given to ``ACPOModule`` (a side in pixels, a crop or ``None``),
-    checked against the images it will cut.
+    """``perceptual_crop`` as given to ``ACPOModule`` (a side in pixels, a crop, its
+    :meth:`PerceptualCrop.as_hparam` entry from a checkpoint, or ``None``), checked against the
+    images it will cut.
 
     Raises:
         ValueError: the crop does not fit the latent grid or the images.
     """
+    if isinstance(value, Mapping):  # a reloaded checkpoint's hyper-parameter
+        value = PerceptualCrop(**value.get("init_args", value))
     crop = PerceptualCrop(value) if isinstance(value, int) else value
     if crop is not None:
         crop.check(image_size, scale_factor)

@@ -17,7 +17,7 @@ import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
@@ -287,8 +287,7 @@ def add_export_arguments(parser: ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format",
-        type=str,
-        choices=EXPORT_FORMATS,
+        type=Literal[EXPORT_FORMATS],  # jsonargparse's help shows a Literal (choices= a lambda)
         default="diffusers",
         help=f"file layout, one of {', '.join(EXPORT_FORMATS)}: diffusers writes "
         "pytorch_lora_weights.safetensors for load_lora_weights; comfyui writes "

@@ -14,13 +14,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from acpo_lightning import losses, seeding
+from acpo_lightning import in_trainer, losses, seeding
 from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.assembly import PART_KNOBS, assemble
 from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
 from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
-from acpo_lightning.crops import PerceptualCrop, as_crop
+from acpo_lightning.crops import PerceptualCrop, as_crop, crop_hparam
 from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.data.size_checks import check_training_images
 from acpo_lightning.denoisers import Denoiser
@@ -39,7 +39,7 @@ _NETWORK_ARGUMENTS = ("unet", "quality_head", "noise_scheduler", "vae", "text_en
     "anchor_unet", "sample_scheduler", "optimizer", "lr_scheduler", "perceptual_decoder")  # fmt: skip
 
 
-class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
+class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.LightningModule):
     """Fine-tune a diffusion model with ACPO: diffusion loss + anchor constraint + perceptual reward.
 
     Every network is injected; nothing is downloaded or built here. The flat keyword arguments
@@ -178,6 +178,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.noise_scheduler, self.tokenizer = noise_scheduler, tokenizer  # as given, for reloads
         # image_size builds the codec: this validates the decoders now
         self.perceptual_crop = as_crop(perceptual_crop, self.image_size, self.codec.scale_factor)
+        self.save_hyperparameters({"perceptual_crop": crop_hparam(self.perceptual_crop)})
         self._checkpoint_head = False  # set by enable_gradient_checkpointing()
         for frozen in self.frozen_modules():
             frozen.requires_grad_(False).eval()
@@ -287,17 +288,9 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        step = self.global_step
-        use_rollout = self.objectives.is_rollout_step(self.host_generator("train", step, batch_idx))
-        # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
-        # it equals the step generator's seed, as in a single-process run
-        choice = torch.Generator().manual_seed(
-            seeding.step_seed(self.seed, "train", step, batch_idx, 0)
-        )
-        generator = self.step_generator("train", step, batch_idx)
-        result = self.objectives.training_step(
-            self.context(), batch, generator, use_rollout, choice
-        )
+        in_trainer.refuse_outside_trainer(self)
+        in_trainer.check_first_batch(self, "train", batch)
+        result = in_trainer.step_result(self, batch, batch_idx, self.global_step)
         terms = result.terms
         if result.rollout:
             count = result.rollout_count
@@ -323,6 +316,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         self.log(f"{stage}/loss", terms.loss.detach(), prog_bar=True, **log)
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
+        in_trainer.check_first_batch(self, stage, batch)
         generator = self.step_generator(stage, 0, batch_idx)
         if not has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             prompts = list(batch["prompts"])
@@ -444,7 +438,7 @@ class ACPOModule(TrainedStateCheckpoints, pl.LightningModule):
         optimizer = factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}
+        scheduler = in_trainer.lr_scheduler_entry(self.lr_scheduler_factory(optimizer))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def save_lora(self, directory: str | Path) -> Path:

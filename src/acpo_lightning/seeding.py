@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 
 
+# Host-side integer mixing, never traced: under ``torch.compile(module)`` (Lightning compiles its
+# training_step) dynamo would trace numpy's uint64 arithmetic, which its fake tensors do not support.
+@torch.compiler.disable
 def step_seed(seed: int, stage: str, step: int, batch_idx: int, rank: int) -> int:
     """A 63-bit seed mixed from its words by ``numpy.random.SeedSequence``.
 
@@ -22,6 +26,7 @@ def step_seed(seed: int, stage: str, step: int, batch_idx: int, rank: int) -> in
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+@torch.compiler.disable
 def host_seed(seed: int, stage: str, step: int, batch_idx: int) -> int:
     """The seed of host-side choices: rank-free, so every process makes the same choice."""
     return step_seed(seed, stage, step, batch_idx, 0) ^ 0x5EED
@@ -43,10 +48,24 @@ def sampler_indices(
 def prediction_indices(
     trainer: Any, dataloader_idx: int, batch_idx: int, count: int, rank: int
 ) -> list[int]:
-    """:func:`sampler_indices` of a prediction batch, with the batch size and world size of
-    ``trainer``'s prediction loader (``count`` and a single process without a trainer)."""
+    """Dataset indices of a prediction batch whose items carry no ``indices``.
+
+    Under a ``Trainer`` these are the indices Lightning's prediction loop records for each batch
+    (its loader's batch sampler is wrapped to keep them): exact for a short last batch, a shuffled
+    or a distributed sampler. Without them (no trainer, or a loader Lightning cannot wrap, such as
+    an iterable data set) :func:`sampler_indices` infers them from the batch sampler's batch size,
+    or from ``count`` in a single process without a trainer.
+    """
     loaders = trainer.predict_dataloaders if trainer is not None else None
     loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-    size = getattr(loader, "batch_size", None) or count
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    seen = getattr(
+        batch_sampler, "seen_batch_indices", None
+    )  # Lightning's _IndexBatchSamplerWrapper
+    if seen is not None and batch_idx < len(seen):
+        indices = list(seen[batch_idx])
+        if len(indices) == count and all(isinstance(i, int) for i in indices):
+            return indices
+    size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None)
     world = trainer.world_size if trainer is not None else 1
-    return sampler_indices(batch_idx, size, count, world, rank)
+    return sampler_indices(batch_idx, size or count, count, world, rank)
