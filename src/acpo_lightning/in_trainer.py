@@ -12,6 +12,9 @@ import torch
 
 from acpo_lightning import seeding
 from acpo_lightning.batch_format import check_pixel_values
+from acpo_lightning.checkpoint_io import use_safe_checkpoint_io
+from acpo_lightning.data.cache_checks import check_latent_cache
+from acpo_lightning.data.size_checks import check_training_images
 from acpo_lightning.objectives.mix import StepResult
 
 #: how ``assemble()`` refuses a module built without its policy network or quality head
@@ -39,6 +42,21 @@ def refuse_outside_trainer(module: Any) -> None:
             "acpo_lightning.in_trainer.step_result(module, batch, batch_idx, step) gives a "
             "step's loss outside it."
         )
+
+
+def check_trainer_and_data(module: Any, trainer: Any) -> None:
+    """At ``setup``: make the Trainer's checkpoints atomic and ``weights_only`` loaded, check a
+    latent cache against the module's VAE and text encoders (installing its empty prompt) and
+    the training images' size against the denoiser and the perceptual crop.
+
+    Raises:
+        ValueError: the data cannot train this module; the message names the value and the fix.
+    """
+    use_safe_checkpoint_io(trainer)
+    datamodule = getattr(trainer, "datamodule", None)
+    check_latent_cache(datamodule, module.vae, module.codec.moments_shape, module.denoiser)
+    scale = module.codec.scale_factor
+    check_training_images(datamodule, module.denoiser, scale, module.perceptual_crop)
 
 
 def check_first_batch(module: Any, stage: str, batch: Any) -> None:

@@ -17,12 +17,10 @@ from transformers import PreTrainedTokenizerBase
 from acpo_lightning import in_trainer, losses, seeding
 from acpo_lightning.anchor_weight import AnchorWeight
 from acpo_lightning.assembly import PART_KNOBS, assemble
-from acpo_lightning.checkpoint_io import TrainedStateCheckpoints, use_safe_checkpoint_io
+from acpo_lightning.checkpoint_io import TrainedStateCheckpoints
 from acpo_lightning.codec import LatentCodec
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.crops import PerceptualCrop, as_crop, crop_hparam
-from acpo_lightning.data.cache_checks import check_latent_cache
-from acpo_lightning.data.size_checks import check_training_images
 from acpo_lightning.denoisers import Denoiser
 from acpo_lightning.guard import NonFiniteGuard, NonFiniteTrainingError
 from acpo_lightning.models.lora import load_lora, save_lora
@@ -161,11 +159,7 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         objectives: ObjectiveMix | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            # numpy's SeedSequence, which mixes every step's seed, takes no negative words
-            raise ValueError(
-                f"seed must be a non-negative integer, got {seed!r}. Fix: use a seed >= 0"
-            )
+        seeding.check_seed(seed)
         knobs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(ignore=[*_NETWORK_ARGUMENTS, *PART_KNOBS, "perceptual_crop"])
         parts = assemble(knobs, _DEFAULTS)
@@ -210,12 +204,7 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         conditioning), probe the quality head, and make checkpoints atomic and loaded with
         ``weights_only=True`` (:func:`~acpo_lightning.checkpoint_io.use_safe_checkpoint_io`)."""
         if self._trainer is not None:
-            use_safe_checkpoint_io(self.trainer)
-            datamodule = getattr(self.trainer, "datamodule", None)
-            check_latent_cache(datamodule, self.vae, self.codec.moments_shape, self.denoiser)
-            check_training_images(
-                datamodule, self.denoiser, self.codec.scale_factor, self.perceptual_crop
-            )
+            in_trainer.check_trainer_and_data(self, self.trainer)
         crop = self.perceptual_crop
         check_quality_head(self.quality_head, crop.shape if crop else self.image_size, self.device)
         if self.gradient_checkpointing:
@@ -296,7 +285,9 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
             count = result.rollout_count
             self.log_dict(result.rollout, on_step=True, batch_size=count, sync_dist=True)
         self.anchor_weight.add_drift(terms.anchor, result.samples)
-        self._log_terms("train", terms, result.perc_share, batch_length(batch), use_rollout)
+        self._log_terms(
+            "train", terms, result.perc_share, batch_length(batch), bool(result.rollout)
+        )
         names = ("loss", "loss_diff", "loss_anchor", "loss_perc")  # the guard names a culprit
         self._step_terms = {
             name: value.detach() for name, value in zip(names, terms[:4], strict=True)

@@ -10,6 +10,17 @@ import torch
 _STAGE_IDS = {"train": 0, "val": 1, "test": 2}
 
 
+def check_seed(seed: Any) -> None:
+    """Refuse a seed that is not a non-negative integer, naming it.
+
+    Raises:
+        ValueError: ``seed`` is negative, a bool or not an integer.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        # numpy's SeedSequence, which mixes every step's seed, takes no negative words
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}. Fix: use a seed >= 0")
+
+
 # Host-side integer mixing, never traced: under ``torch.compile(module)`` (Lightning compiles its
 # training_step) dynamo would trace numpy's uint64 arithmetic, which its fake tensors do not support.
 @torch.compiler.disable
