@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -227,16 +228,18 @@ def main() -> None:
 
 def run(spec, batch: int, args: argparse.Namespace) -> dict:
     """Count (and with ``--time``, time) one batch size; print its tables."""
-    scored = round(args.share * batch)
-    # the decoder and head parts are counted for one image at least; a step scores ``scored``
-    counted = max(scored, 1)
+    # the expected count: ACPOModule scores floor(share x batch) images plus one more with
+    # probability frac(share x batch) (losses.scored_count), so costs are per average step
+    scored = args.share * batch
+    # the decoder and head parts are counted for whole images, one at least, then rescaled
+    counted = max(math.ceil(scored), 1)
     text = (
         "CLIP-L text tower counted"
         if spec.name == "sd15"
         else "text encoders not counted (embeddings cached)"
     )
     print(
-        f"{spec.title}: batch {batch}, {args.latent * 8} px, {scored} scored "
+        f"{spec.title}: batch {batch}, {args.latent * 8} px, {scored:g} scored on average "
         f"(share {args.share}), LoRA r16 on {', '.join(spec.lora_targets)}, ResNet-50 head at "
         f"{args.head_size} px, {text}; per step\n"
     )
@@ -246,10 +249,10 @@ def run(spec, batch: int, args: argparse.Namespace) -> dict:
     )  # fmt: skip
     row = {"scored": scored, "parts_scored_images": counted, "parts": flops}
     row["steps"] = print_table(flops, "GFLOP", step_totals(flops, spec.taesd, scored / counted))
-    if scored == 0:  # say what the library does (no perceptual term) and what one image costs
+    if 0 < scored < 1:  # a scoring step scores one image: say what that step costs
         print(
-            f"share {args.share} x batch {batch} rounds to 0 scored images: the perceptual term "
-            "is off (ACPOModule warns). With one image scored (share >= 0.5 at this batch):\n"
+            f"share {args.share} x batch {batch}: {scored:g} images scored per step on average, "
+            "one image on that share of the steps. A step that scores one image:\n"
         )
         row["steps_one_scored"] = print_table(flops, "GFLOP", step_totals(flops, spec.taesd))
     if args.time:

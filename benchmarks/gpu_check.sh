@@ -10,8 +10,8 @@
 #      decoder, 224-px crop)
 #   3. SD3.5-Medium at 1024 px, batch 4, share 0.25: the same with taesd3
 #   4. FLUX.1-dev at 1024 px, batch 1 (12 B parameters: 24 GB of bf16 weights; batch 1 keeps the
-#      step inside 80 GB), share 1.0: at batch 1, share 0.25 rounds to no scored image, so the one
-#      image is scored; the same three variants with taef1
+#      step inside 80 GB), share 1.0: at batch 1, share 0.25 scores one step in four, which a
+#      timed step cannot show, so the one image is scored; the same three variants with taef1
 # Written to take a few minutes in all (model building included); a run that fails or passes its
 # time limit is reported and the next one still runs.
 #   bash benchmarks/gpu_check.sh     # writes outputs/bench_gpu/step_cost*.json, prints the tables

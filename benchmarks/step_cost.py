@@ -297,12 +297,31 @@ def build_raw(args: argparse.Namespace):
     return spec, net, {"vae": vae, "taesd": tiny}, head, inputs
 
 
+def whole_scored_count(share: float, batch: int) -> int:
+    """The images a raw step scores: ``share x batch``, which must be whole here.
+
+    ACPOModule draws a fractional count per step (``losses.scored_count``); a timed raw step
+    scores a fixed number of images, so a fraction is refused rather than rounded.
+
+    Raises:
+        SystemExit: ``share x batch`` is not a whole number; the message gives the fix.
+    """
+    expected = share * batch
+    if abs(expected - round(expected)) > 1e-9:
+        raise SystemExit(
+            f"--share {share} x --batch {batch} = {expected:g} scored images: a raw step scores "
+            "a whole number of them. Fix: pick a share and batch whose product is whole (e.g. "
+            f"--share {1 / batch:g} for one image at --batch {batch})."
+        )
+    return round(expected)
+
+
 def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     """One big-backbone variant: the parts of a step, run directly (no ``ACPOModule``).
 
     The step is what ACPO's data objective runs (``objectives/data.py``): the policy's forward
     and one backward for the whole loss; plain LoRA stops at the diffusion loss; ACPO adds the
-    anchor's forward (adapters off, no grad) and, for ``round(share x batch)`` samples, the
+    anchor's forward (adapters off, no grad) and, for ``share x batch`` samples (whole), the
     decoder and the quality head on the x0 estimate, with gradient back into the policy.
     """
     from torch.utils.checkpoint import checkpoint
@@ -315,7 +334,7 @@ def run_raw_variant(name: str, args: argparse.Namespace, queue: mp.Queue) -> Non
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
     noisy = inputs["sample" if "sample" in inputs else "hidden_states"]
     target = torch.randn_like(noisy)
-    scored = round(args.share * args.batch) if variant["decoder"] else 0
+    scored = whole_scored_count(args.share, args.batch) if variant["decoder"] else 0
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
     def score(image: torch.Tensor) -> torch.Tensor:  # as PerceptualScorer: checkpointed head

@@ -193,3 +193,11 @@ def test_a_variant_list_without_plain_lora_is_measured_against_it(tmp_path: Path
     assert share1["flops_ratio"] > 1.0
     assert share1["memory_ratio"] == pytest.approx(share1["peak_bytes"] / plain["peak_bytes"])
     assert all(r["peak_bytes"] < r["peak_total_bytes"] for r in rows)
+
+
+def test_a_raw_step_scores_a_whole_share_of_its_batch_or_refuses_the_fraction() -> None:
+    """ACPOModule scores a fractional count on average; a timed raw step cannot, so it says so
+    rather than rounding 0.25 x 1 to no scored image (what it did before issue 24)."""
+    assert step_cost.whole_scored_count(0.25, 4) == 1
+    with pytest.raises(SystemExit, match=r"--share 0.25 x --batch 1 = 0.25 .* --share 1 "):
+        step_cost.whole_scored_count(0.25, 1)

@@ -110,7 +110,7 @@ def _overlays(directory: Path, clip_dir: Path) -> tuple[Path, Path]:
             # a large step without warm-up: a wrong gradient moves the weights far from the reference
             "optimizer": {"init_args": {"lr": 1.0e-2}},
             "lr_scheduler": None,
-            "perceptual_share": 0.5,  # the default 0.25 of batch 2 rounds to no perceptual sample
+            "perceptual_share": 0.5,  # one sample of batch 2 scored on every step (0.25: on half)
         },
         "data": {
             "init_args": {"train_size": 8, "val_size": 4, "batch_size": BATCH, "num_workers": 1}
