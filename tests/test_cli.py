@@ -143,6 +143,16 @@ def test_lightning_console_script_runs_the_user_command(tmp_path) -> None:
     assert module_help.returncode == 0 and "fit" in module_help.stdout
 
 
+def test_build_cli_without_running_gives_the_parts_to_use_from_python(
+    tmp_path, monkeypatch
+) -> None:
+    """``build_cli(configs, run=False)`` (no subcommand, as tests/test_ddp.py's replay uses it)
+    builds the module and data; the ``--ckpt_path`` check must not look for a subcommand."""
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([*_config_args("tiny.yaml"), "--trainer.logger", "false"], run=False)
+    assert cli.model.unet is not None and cli.datamodule is not None
+
+
 def test_out_of_range_tau_stops_before_training_with_one_clear_line(
     tmp_path, monkeypatch, capsys
 ) -> None:

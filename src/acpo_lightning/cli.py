@@ -244,9 +244,10 @@ class ACPOCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyper-parameters (``weights_only``) before anything else."""
-        if self._runs_a_tool():
+        subcommand = self.config.get("subcommand")
+        if self._runs_a_tool() or not subcommand:  # run=False parses no subcommand, no ckpt_path
             return
-        path = self.config[self.config.subcommand].get("ckpt_path")
+        path = self.config[subcommand].get("ckpt_path")
         if path and Path(path).is_file():  # not `last`/`best`: a text or image file, refused
             try:  # before torch's unpickler reads its bytes as opcodes
                 check_is_checkpoint(path)
