@@ -227,3 +227,34 @@ def test_every_shipped_config_scores_at_its_shipped_share_and_batch(
     assert len(shares) == 8 and max(shares) > 0
     assert "train/iqa" in events.Tags()["scalars"]
     assert any(e.value != 0 for e in events.Scalars("train/loss_perc"))
+
+
+def _as_rank(module, rank: int):
+    """``module`` as process ``rank`` of a DDP run: its ``global_rank`` (the step generator's seed)."""
+    cls = type(module)
+    module.__class__ = type(f"{cls.__name__}AsRank{rank}", (cls,), {"global_rank": rank})
+    return module
+
+
+def test_every_process_scores_the_same_count_on_a_step(tokenizer_dir) -> None:
+    """Under DDP the ranks draw their noise apart but must agree on a step's scored count: a rank
+    that scores logs ``train/iqa`` (synced) and one that does not would wait on it forever (the
+    2-process resume of tests/test_ddp.py hung at share 0.25 x batch 2), and a step costs the
+    slowest rank's decode. Training and validation steps alike; rank 0's count is unchanged."""
+    from acpo_lightning.in_trainer import step_result
+    from conftest import make_module, shapes_batch
+
+    batch = shapes_batch(2)
+    counts = {}
+    for rank in (0, 1):
+        module = _as_rank(make_module(tokenizer_dir, perceptual_share=0.25), rank)
+        module.train()
+        train = [step_result(module, batch, 0, step).perc_share for step in range(12)]
+        module.eval()
+        val = []
+        for index in range(12):
+            generator, choice = module.step_generators("val", 0, index)
+            val.append(module.compute_terms(batch, generator, choice=choice)[1]["perc_share"])
+        counts[rank] = (train, val)
+    assert counts[0] == counts[1]
+    assert {0.0, 0.5} <= set(counts[0][0]) and {0.0, 0.5} <= set(counts[0][1])

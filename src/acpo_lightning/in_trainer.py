@@ -5,12 +5,12 @@ entry and reloads from a checkpoint (README, "From Python")."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from acpo_lightning import seeding
 from acpo_lightning.batch_format import check_pixel_values
 from acpo_lightning.checkpoint_io import use_safe_checkpoint_io
 from acpo_lightning.data.cache_checks import check_latent_cache
@@ -59,6 +59,25 @@ def check_trainer_and_data(module: Any, trainer: Any) -> None:
     check_training_images(datamodule, module.denoiser, scale, module.perceptual_crop)
 
 
+def amp_scaler(module: Any) -> Any:
+    """The Trainer's enabled AMP gradient scaler, or ``None``."""
+    trainer = module._trainer
+    scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def reducers(module: Any) -> tuple[Callable | None, Callable | None]:
+    """Sum and mean over the processes of a multi-process run (``None`` in a single one)."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size <= 1:
+        return None, None
+    strategy = trainer.strategy
+    return (
+        lambda t: strategy.reduce(t, reduce_op="sum"),
+        lambda t: strategy.reduce(t, reduce_op="mean"),
+    )
+
+
 def check_first_batch(module: Any, stage: str, batch: Any) -> None:
     """Check the first image batch of ``stage`` once (dtype, range, layout; one clear line)
     against the VAE's input channels, or a pixel-space denoiser's; batches of cached latents or
@@ -79,12 +98,9 @@ def step_result(module: Any, batch: dict, batch_idx: int, step: int) -> StepResu
     and no anchor-weight update: for cost measurements and notebooks)."""
     host = module.host_generator("train", step, batch_idx)
     use_rollout = module.objectives.is_rollout_step(host)
-    # the scored step is drawn with a rank-free seed (the same on every process); at rank 0
-    # it equals the step generator's seed, as in a single-process run
-    choice = torch.Generator().manual_seed(
-        seeding.step_seed(module.seed, "train", step, batch_idx, 0)
-    )
-    generator = module.step_generator("train", step, batch_idx)
+    # the scored count and the rollout's scored step are drawn with a rank-free seed (the same
+    # on every process); at rank 0 it equals the step generator's seed, as in a single process
+    generator, choice = module.step_generators("train", step, batch_idx)
     context = module.context()
     return module.objectives.training_step(context, batch, generator, use_rollout, choice)
 

@@ -267,7 +267,9 @@ def expected_count(share: float, size: int) -> float:
     return float(nearest) if abs(expected - nearest) <= 1e-9 * max(1.0, expected) else expected
 
 
-def scored_count(share: float, size: int, generator: torch.Generator) -> tuple[int, float]:
+def scored_count(
+    share: float, size: int, generator: torch.Generator, count_seed: int | None = None
+) -> tuple[int, float]:
     """How many of ``size`` samples a step scores: unbiased, ``E[count] = share * size``.
 
     ``floor(share * size)``, plus one with probability ``frac(share * size)`` (stochastic rounding):
@@ -278,6 +280,9 @@ def scored_count(share: float, size: int, generator: torch.Generator) -> tuple[i
     The draw comes from a CPU generator seeded from ``generator``'s seed (mixed, so it is not the
     step generator's own first number): a function of the step's seed, so that resumes replay it,
     which neither shifts the step generator's stream nor waits for a GPU generator.
+    ``count_seed``, when given, replaces that seed: a rank-free one makes every process of a DDP
+    run score the same count on a step (they log the same values, and no rank waits on another's
+    decode), while their noise stays apart.
 
     Returns:
         ``(count, expected)``: the scored count of this step and its expectation ``share * size``
@@ -290,7 +295,8 @@ def scored_count(share: float, size: int, generator: torch.Generator) -> tuple[i
     if expected == int(expected):
         return int(expected), expected
     whole = math.floor(expected)
-    draw = torch.Generator().manual_seed(_mixed_seed(generator.initial_seed()))
+    seed = generator.initial_seed() if count_seed is None else count_seed
+    draw = torch.Generator().manual_seed(_mixed_seed(seed))
     extra = float(torch.rand((), generator=draw)) < expected - whole
     return whole + int(extra), expected
 
@@ -302,6 +308,7 @@ def sample_timesteps(
     t_min: int,
     share: float,
     generator: torch.Generator,
+    count_seed: int | None = None,
 ) -> tuple[Tensor, int]:
     """Draw training timesteps; the first :func:`scored_count` are perceptual samples in ``[t_min, tau]``.
 
@@ -316,7 +323,7 @@ def sample_timesteps(
             f"need 0 <= t_min <= tau < num_train_timesteps, got t_min={t_min}, tau={tau}, "
             f"num_train_timesteps={num_train_timesteps}"
         )
-    n_perc, _ = scored_count(share, batch_size, generator)
+    n_perc, _ = scored_count(share, batch_size, generator, count_seed)
     device = generator.device
     late = torch.randint(t_min, tau + 1, (n_perc,), generator=generator, device=device)
     rest = torch.randint(

@@ -257,6 +257,14 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         seed = seeding.step_seed(self.seed, stage, step, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def step_generators(
+        self, stage: str, step: int, batch_idx: int
+    ) -> tuple[torch.Generator, torch.Generator]:
+        """The step generator and a rank-free CPU one (rank 0's seed) for the choices every
+        process must share: the scored count, the rollout's scored step."""
+        seed = seeding.step_seed(self.seed, stage, step, batch_idx, 0)
+        return self.step_generator(stage, step, batch_idx), torch.Generator().manual_seed(seed)
+
     def host_generator(self, stage: str, step: int, batch_idx: int) -> torch.Generator:
         """A CPU generator for host-side choices, the same on every process (no device sync)."""
         return torch.Generator().manual_seed(seeding.host_seed(self.seed, stage, step, batch_idx))
@@ -270,10 +278,14 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         return self.codec.decode(latents)
 
     def compute_terms(
-        self, batch: dict, generator: torch.Generator, score: bool = True
+        self,
+        batch: dict,
+        generator: torch.Generator,
+        score: bool = True,
+        choice: torch.Generator | None = None,
     ) -> tuple[losses.ACPOTerms, dict[str, float]]:
-        """The data objective's terms and host-side stats on a paired ``batch`` (a notebook entry)."""
-        return self.objectives.data_terms(self.context(), batch, generator, score)
+        """The data objective's terms and stats on a paired ``batch`` (a notebook entry)."""
+        return self.objectives.data_terms(self.context(), batch, generator, score, choice)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -308,7 +320,7 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
 
     def _evaluation_step(self, stage: str, batch: dict, batch_idx: int) -> Tensor:
         in_trainer.check_first_batch(self, stage, batch)
-        generator = self.step_generator(stage, 0, batch_idx)
+        generator, choice = self.step_generators(stage, 0, batch_idx)
         if not has_targets(batch):  # prompt-only evaluation data: score the policy's own samples
             prompts = list(batch["prompts"])
             roll, loss = self.objectives.evaluate_rollout(self.context(), prompts, generator)
@@ -318,7 +330,7 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
             values = {f"{stage}/{name}": value for name, value in values.items()}
             self.log_dict(values, on_epoch=True, batch_size=len(prompts), sync_dist=True)
             return loss
-        terms, stats = self.compute_terms(batch, generator)
+        terms, stats = self.compute_terms(batch, generator, choice=choice)
         self._log_terms(stage, terms, stats["perc_share"], batch_length(batch))
         return terms.loss
 
@@ -352,11 +364,7 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
         """Step through the non-finite guard; then, on a taken step, one dual-ascent step."""
-        scaler, reduce_sum, reduce_mean = self._amp_scaler(), None, None
-        if self._trainer is not None and self.trainer.world_size > 1:
-            strategy = self.trainer.strategy
-            reduce_sum = lambda t: strategy.reduce(t, reduce_op="sum")  # noqa: E731
-            reduce_mean = lambda t: strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        scaler, (reduce_sum, reduce_mean) = in_trainer.amp_scaler(self), in_trainer.reducers(self)
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         stepped = self.guard.step(
             optimizer, optimizer_closure, trainable, lambda: self._step_terms, scaler, reduce_sum,
@@ -364,15 +372,10 @@ class ACPOModule(in_trainer.ReloadWithNetworks, TrainedStateCheckpoints, pl.Ligh
         )  # fmt: skip
         self.anchor_weight.finish_step(stepped, reduce_mean)
 
-    def _amp_scaler(self) -> Any:
-        """The trainer's enabled AMP gradient scaler, or ``None``."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
-        return scaler if scaler is not None and scaler.is_enabled() else None
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.guard.enabled:
             self.log("train/skipped_steps", self.guard.skipped_steps.float(), on_step=True)
-        if self._amp_scaler() is not None:
+        if in_trainer.amp_scaler(self) is not None:
             self.log("train/overflow_steps", self.guard.overflow_steps.float(), on_step=True)
 
     # ------------------------------------------------------------------ generation

@@ -2,7 +2,9 @@
 
 peft imports bitsandbytes, and diffusers' model classes import peft. On a CPU with AVX512-BF16,
 bitsandbytes then logs ``Failed to load CPU gemm_4bit_forward from kernels-community ... pip
-install kernels`` at import: an optional kernel for 4-bit CPU inference, which ACPO never uses.
+install kernels`` at import (with ``kernels`` installed and ``HF_HUB_OFFLINE`` set, ``kernels`` first
+logs that it skips the kernel's publisher check): an optional kernel for 4-bit CPU inference,
+which ACPO never uses.
 The few imports that first pull in peft (:mod:`acpo_lightning.models.lora`,
 :mod:`acpo_lightning.testing`, :mod:`acpo_demo.assets`) run inside :func:`quiet_imports`,
 which drops exactly that message while they run and leaves logging as it was afterwards: it is
@@ -20,6 +22,12 @@ QUIET_MESSAGES = (
     (
         "bitsandbytes.backends.cpu.ops",
         "Failed to load CPU gemm_4bit_forward from kernels-community",
+    ),
+    # the same kernel's lookup through the `kernels` package (a dependency of transformers 5.2x),
+    # which says so first when HF_HUB_OFFLINE is set
+    (
+        "kernels._internals.hf_hub",
+        "Skipping publisher trust check for 'kernels-community/",
     ),
 )
 

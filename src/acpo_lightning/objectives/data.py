@@ -53,8 +53,12 @@ class DataObjective:
         w_diff: float,
         w_perc: float,
         score: bool = True,
+        choice: torch.Generator | None = None,
     ) -> tuple[losses.ACPOTerms, dict[str, float]]:
         """One data step's terms and host-side stats (``perc_share``, the scored share).
+
+        ``choice``, a rank-free generator, seeds the scored count so that every process of a DDP
+        run scores the same number of samples on a step (see :func:`losses.scored_count`).
 
         With ``score=False`` no sample is decoded or scored and every timestep is drawn as in
         plain diffusion training (the perceptual term comes from a rollout).
@@ -66,7 +70,8 @@ class DataObjective:
         cond = ctx.denoiser.conditioning(prompts, size, 0.0, generator, batch)
         cond, dropped = ctx.denoiser.drop_prompts(cond, size, dropout, generator)
         share = self.perceptual_share if score else 0.0
-        times, n_perc = ctx.process.sample_times(size, share, generator)
+        count_seed = choice.initial_seed() if choice is not None else None
+        times, n_perc = ctx.process.sample_times(size, share, generator, count_seed)
         noise = torch.randn(x0.shape, generator=generator, device=ctx.device, dtype=x0.dtype)
         noisy = ctx.process.add_noise(x0, noise, times)
         pred = ctx.denoiser.policy(noisy, times, cond)

@@ -70,10 +70,16 @@ class ObjectiveMix:
         return self.objective == "rollout"
 
     def data_terms(
-        self, ctx: ObjectiveContext, batch: dict, generator: torch.Generator, score: bool = True
+        self,
+        ctx: ObjectiveContext,
+        batch: dict,
+        generator: torch.Generator,
+        score: bool = True,
+        choice: torch.Generator | None = None,
     ) -> tuple[losses.ACPOTerms, dict[str, float]]:
-        """The data objective's terms on a paired batch."""
-        return self.data.terms(ctx, batch, generator, self.w_diff, self.w_perc, score)
+        """The data objective's terms on a paired batch (``choice``: the rank-free generator of
+        the scored count)."""
+        return self.data.terms(ctx, batch, generator, self.w_diff, self.w_perc, score, choice)
 
     def training_step(
         self,
@@ -85,7 +91,7 @@ class ObjectiveMix:
     ) -> StepResult:
         """One training step's terms; ``choice`` draws the rollout's scored step on the host."""
         if has_targets(batch):
-            terms, stats = self.data_terms(ctx, batch, generator, score=not use_rollout)
+            terms, stats = self.data_terms(ctx, batch, generator, not use_rollout, choice)
             samples, share = batch_length(batch), stats["perc_share"]
         elif use_rollout:
             zero = ctx.w_anchor.new_zeros(())

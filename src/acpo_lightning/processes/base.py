@@ -35,12 +35,13 @@ class DiffusionProcess(nn.Module, ABC):
 
     @abstractmethod
     def sample_times(
-        self, size: int, share: float, generator: torch.Generator
+        self, size: int, share: float, generator: torch.Generator, count_seed: int | None = None
     ) -> tuple[Tensor, int]:
         """Training times for ``size`` samples; the first ``count`` are gated ones.
 
         ``count`` is :func:`~acpo_lightning.losses.scored_count`: ``floor(share * size)`` plus one
-        with probability ``frac(share * size)``, so that its mean is ``share * size`` for any batch.
+        with probability ``frac(share * size)``, so that its mean is ``share * size`` for any batch;
+        ``count_seed`` (rank-free under DDP) seeds that draw instead of ``generator``'s seed.
 
         Returns ``(times, count)``: ``times`` on the generator's device, ``count`` the gated ones.
         """

@@ -123,11 +123,11 @@ class FlowProcess(DiffusionProcess):
             )
 
     def sample_times(
-        self, size: int, share: float, generator: torch.Generator
+        self, size: int, share: float, generator: torch.Generator, count_seed: int | None = None
     ) -> tuple[Tensor, int]:
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        count, _ = losses.scored_count(share, size, generator)
+        count, _ = losses.scored_count(share, size, generator, count_seed)
         device = generator.device
         late = torch.rand(count, generator=generator, device=device)
         late = (

@@ -75,10 +75,10 @@ class VPProcess(DiffusionProcess):
             )
 
     def sample_times(
-        self, size: int, share: float, generator: torch.Generator
+        self, size: int, share: float, generator: torch.Generator, count_seed: int | None = None
     ) -> tuple[Tensor, int]:
         return losses.sample_timesteps(
-            size, self.num_train_timesteps, self.tau, self.t_min, share, generator
+            size, self.num_train_timesteps, self.tau, self.t_min, share, generator, count_seed
         )
 
     def add_noise(self, x0: Tensor, noise: Tensor, times: Tensor) -> Tensor:
