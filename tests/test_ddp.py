@@ -457,6 +457,28 @@ def test_one_process_keeps_the_order_of_successive_seeded_permutations() -> None
         assert [p for batch in order for p in batch] == expected, epoch
 
 
+def test_a_sampler_saved_after_its_epochs_last_item_starts_the_next_epoch_whole() -> None:
+    """A checkpoint at the last step of an epoch holds every item of it handed out (the pass has
+    not ended yet); Lightning resumes in the next epoch (``set_epoch(e + 1)``), which must be
+    whole, not the empty rest of epoch e (the end-of-epoch resume of tests/test_reliability.py
+    ran an empty epoch and ended in epoch 2 instead of 1)."""
+    from acpo_lightning.data.shuffle import SeededShuffle
+
+    sampler = SeededShuffle(range(8), seed=3)
+    uninterrupted = [list(sampler) for _ in range(2)]
+    saved = SeededShuffle(range(8), seed=3)
+    iterator = iter(saved)
+    assert [next(iterator) for _ in range(8)] == uninterrupted[0]  # the last item, pass not over
+    resumed = SeededShuffle(range(8), seed=3)
+    resumed.load_state_dict(saved.state_dict())
+    resumed.set_epoch(1)
+    assert list(resumed) == uninterrupted[1]
+    mid = SeededShuffle(range(8), seed=3)  # a mid-epoch state still continues its epoch
+    mid.load_state_dict({"epoch": 1, "yielded": 3})
+    mid.set_epoch(1)
+    assert list(mid) == uninterrupted[1][3:]
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 @pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize("epoch", [0, 1])

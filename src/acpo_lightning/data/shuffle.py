@@ -125,7 +125,13 @@ class SeededShuffle(DistributedSampler):
         self.epoch, self.yielded = epoch + 1, 0  # a full pass: the next one is the next epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Use epoch ``epoch``'s permutation from the next pass on (Lightning calls it)."""
+        """Use epoch ``epoch``'s permutation from the next pass on (Lightning calls it).
+
+        A restored position belongs to the restored epoch only: a checkpoint written at an
+        epoch's last step holds all of it handed out, and Lightning resumes in the next epoch.
+        """
+        if epoch != self.epoch:
+            self._resume_at = None
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, int]:
@@ -133,5 +139,9 @@ class SeededShuffle(DistributedSampler):
         return {"epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Continue epoch ``state_dict["epoch"]`` after its first ``yielded`` items."""
-        self.epoch, self._resume_at = int(state_dict["epoch"]), int(state_dict["yielded"])
+        """Continue epoch ``state_dict["epoch"]`` after its first ``yielded`` items (the next
+        epoch from its start once all were handed out)."""
+        epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
+        if yielded >= self.num_samples:
+            epoch, yielded = epoch + 1, 0
+        self.epoch, self._resume_at = epoch, yielded or None
