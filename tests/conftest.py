@@ -14,6 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -75,6 +76,30 @@ def make_module(
         parts["text_encoder"] = T.tiny_text_encoder()
         parts["tokenizer"] = T.tiny_tokenizer(str(tokenizer_dir) if tokenizer_dir else None)
     return ACPOModule(**parts, **kwargs)
+
+
+def quiet_trainer(tmp_path: Path | None = None, **kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; ``kwargs`` override."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def loss_and_gradients(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One data step's loss on ``batch`` (step generator seeded 7) and its trainable gradients."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    terms, _ = module.compute_terms(batch, torch.Generator().manual_seed(7))
+    terms.loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return terms.loss.detach(), grads
 
 
 def shapes_batch(size: int = 4, image_size: int = 32) -> dict:

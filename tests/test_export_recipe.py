@@ -74,6 +74,17 @@ def _sdxl(tokenizer) -> tuple[ACPOModule, StableDiffusionXLPipeline]:
     return module, pipe
 
 
+def _pipeline_images(pipe) -> torch.Tensor:
+    """The pipeline's images of PROMPTS, image i from a generator seeded SEED + i (as generate)."""
+    return pipe(
+        PROMPTS,
+        generator=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="pt",
+    ).images
+
+
 @pytest.mark.filterwarnings("ignore:The configuration file of this scheduler")
 @pytest.mark.parametrize("build", [_sd15, _sdxl], ids=["sd15", "sdxl"])
 def test_readme_export_recipe_reproduces_generate(
@@ -85,13 +96,7 @@ def test_readme_export_recipe_reproduces_generate(
     pipe.set_progress_bar_config(disable=True)
     module.save_lora("my_lora")  # what `acpo export --out my_lora` writes (tests/test_export.py)
     exec(readme_export_recipe(), {"pipe": pipe, "DDIMScheduler": DDIMScheduler})
-    images = pipe(
-        PROMPTS,
-        generator=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))],
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="pt",
-    ).images
+    images = _pipeline_images(pipe)
     kwargs = dict(seed=SEED, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
     ours = module.generate(PROMPTS, **kwargs)
     difference = float((images - ours).abs().max())
@@ -127,12 +132,6 @@ def test_an_outdated_sd_config_file_samples_as_the_pipeline_with_its_sampler(
         text_encoder=T.tiny_text_encoder(),
         tokenizer=tokenizer,
     )
-    images = pipe(
-        PROMPTS,
-        generator=[torch.Generator().manual_seed(SEED + i) for i in range(len(PROMPTS))],
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        output_type="pt",
-    ).images
+    images = _pipeline_images(pipe)
     ours = module.generate(PROMPTS, seed=SEED, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
     assert float((images - ours).abs().max()) <= TOLERANCE

@@ -26,7 +26,7 @@ from acpo_lightning.data import (
 )
 from acpo_lightning.data.cache_checks import check_latent_cache
 from acpo_lightning.models import vae_fingerprint
-from conftest import CONFIGS, make_module
+from conftest import CONFIGS, loss_and_gradients, make_module
 
 PROMPTS = ["a red square", "a blue circle", "a green stripe", "a white square", "a yellow circle"]
 
@@ -74,16 +74,8 @@ def test_a_cached_step_equals_the_uncached_step_on_the_same_images(tokenizer_dir
         posterior = module.vae.encode(pixel_batch["pixel_values"]).latent_dist
     torch.testing.assert_close(latent_batch["latent_moments"], posterior.parameters)
 
-    def step(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        module.train()
-        module.zero_grad(set_to_none=True)
-        terms, _ = module.compute_terms(batch, torch.Generator().manual_seed(7))
-        terms.loss.backward()
-        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
-        return terms.loss.detach(), grads
-
-    loss, grads = step(pixel_batch)
-    cached_loss, cached_grads = step(latent_batch)
+    loss, grads = loss_and_gradients(module, pixel_batch)
+    cached_loss, cached_grads = loss_and_gradients(module, latent_batch)
     torch.testing.assert_close(cached_loss, loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == cached_grads.keys() and all("lora_" in name for name in grads)
     for name, grad in grads.items():

@@ -13,21 +13,11 @@ from acpo_lightning import testing as T
 from acpo_lightning.data import ShapesDataModule
 from acpo_lightning.models import add_lora
 from acpo_lightning.quality import QualityHead
-from conftest import make_module, shapes_batch
+from conftest import make_module, quiet_trainer, shapes_batch
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"max_steps": 3, "limit_val_batches": 1, **kwargs})
 
 
 def _step(module: ACPOModule, batch: dict, seed: int = 0) -> losses.ACPOTerms:

@@ -33,6 +33,7 @@ from acpo_lightning.quality.iqa_data import (
     SyntheticDistortionDataset,
 )
 from acpo_lightning.quality.training import IQATrainingModule, pairwise_ranking_loss, plcc_loss
+from conftest import quiet_trainer
 
 
 def procedural_images(count: int, size: int = 32, seed: int = 0) -> Tensor:
@@ -326,15 +327,7 @@ def test_ranking_and_plcc_losses_by_hand() -> None:
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(**kwargs)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 from acpo_lightning.cache_latents import cache_latents
 from acpo_lightning.data import CachedLatentsDataModule, collate_prompt_images
 from acpo_lightning.data.cache_checks import check_latent_cache
+from conftest import loss_and_gradients
 from test_backbone_sdxl import GUIDANCE, PROMPTS, SEED, STEPS, _pipe_images, _pipeline, _sdxl_module
 from test_latent_cache import image_data, write_images
 
@@ -61,15 +62,6 @@ def test_a_prompt_cache_keeps_the_sdxl_empty_prompt_zeros(tokenizer_dir, tmp_pat
 LOSS_RTOL, LOSS_ATOL, GRAD_RTOL, GRAD_FLOOR = 1e-5, 1e-6, 1e-4, 1e-3
 
 
-def _step(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    module.train()
-    module.zero_grad(set_to_none=True)
-    terms, _ = module.compute_terms(batch, torch.Generator().manual_seed(7))
-    terms.loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
-    return terms.loss.detach(), grads
-
-
 @pytest.mark.parametrize(
     "flip", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["one-view", "random-flip"]
 )
@@ -94,8 +86,8 @@ def test_a_cached_sdxl_step_has_the_image_steps_time_ids_loss_and_gradients(
         ]
         assert torch.equal(ids[1], ids[0]), (ids[1].tolist(), ids[0].tolist())
         seen |= {tuple(row) for row in ids[0].int().tolist()}
-        loss, grads = _step(module, pixel_batch)
-        cached_loss, cached_grads = _step(module, latent_batch)
+        loss, grads = loss_and_gradients(module, pixel_batch)
+        cached_loss, cached_grads = loss_and_gradients(module, latent_batch)
         torch.testing.assert_close(cached_loss, loss, rtol=LOSS_RTOL, atol=LOSS_ATOL)
         assert grads.keys() == cached_grads.keys() and grads
         for name, grad in grads.items():

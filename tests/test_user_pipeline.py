@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from acpo_lightning import ACPOModule
-from conftest import make_module, shapes_batch
+from conftest import make_module, quiet_trainer, shapes_batch
 
 # these fits train without a validation loader on purpose, as a user's first run may
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no")
@@ -17,16 +17,7 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle", "a red circle", 
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"max_steps": 2, **kwargs})
 
 
 def _alone(module: ACPOModule, prompt: str, index: int) -> torch.Tensor:
