@@ -318,7 +318,14 @@ class PromptDataLoaders:
         pin_memory: bool | None,
         persistent_workers: bool,
     ) -> None:
-        """Store the loader options; no datasets yet (``setup`` makes them)."""
+        """Check and store the loader options (``data_seed`` in the saved hyper-parameters too,
+        after ``save_hyperparameters``); no datasets yet (``setup`` makes them).
+
+        Raises:
+            ValueError: ``batch_size`` below 1 or a negative ``num_workers``.
+        """
+        check_loader_numbers(type(self).__name__, batch_size, num_workers)
+        record_data_seed(self, data_seed)
         self.batch_size, self.num_workers, self.data_seed = batch_size, num_workers, data_seed
         self.tokenizer = tokenizer
         self.max_length = None if tokenizer is None else tokenizer_max_length(tokenizer, max_length)

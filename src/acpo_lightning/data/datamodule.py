@@ -12,8 +12,6 @@ from transformers import PreTrainedTokenizerBase
 
 from acpo_lightning.data.collate import (
     PromptDataLoaders,
-    check_loader_numbers,
-    record_data_seed,
     resolve_data_seed,
 )
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records, split_rows
@@ -139,9 +137,7 @@ class PromptImageDataModule(PromptDataLoaders, pl.LightningDataModule):
         data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "seed"])
-        record_data_seed(self, data_seed)
         _check_choices(source, on_bad_sample, val_fraction, val_prompts_path, normalize)
-        check_loader_numbers(type(self).__name__, batch_size, num_workers)
         self.source, self.path, self.split = source, str(path), split
         self.image_column = image_column or DEFAULT_IMAGE_COLUMN.get(source, "image")
         self.caption_column, self.val_fraction = caption_column, val_fraction

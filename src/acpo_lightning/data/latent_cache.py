@@ -54,8 +54,6 @@ from acpo_lightning.checkpoint_io import write_atomically
 from acpo_lightning.conditioning import Conditioning
 from acpo_lightning.data.collate import (
     PromptDataLoaders,
-    check_loader_numbers,
-    record_data_seed,
     resolve_data_seed,
 )
 from acpo_lightning.data.dataset import PromptImageDataset, scan_records
@@ -284,10 +282,6 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
         data_seed = resolve_data_seed(data_seed, seed, type(self).__name__)
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "seed"])
-        record_data_seed(self, data_seed)
-        check_loader_numbers(type(self).__name__, batch_size, num_workers)
-        self.path = Path(path).expanduser()
-        self.manifest = read_latent_cache(self.path)
         self._set_loader_options(
             batch_size,
             num_workers,
@@ -297,6 +291,8 @@ class CachedLatentsDataModule(PromptDataLoaders, pl.LightningDataModule):
             pin_memory,
             persistent_workers,
         )
+        self.path = Path(path).expanduser()
+        self.manifest = read_latent_cache(self.path)
         self.val_prompts: RecordTable | None = None
         if val_prompts_path is not None:
             self.val_prompts = read_prompts(val_prompts_path, val_prompts_column)
